@@ -1,0 +1,156 @@
+"""Hyperparameters of the method as frozen dataclasses.
+
+The Hydra configs under ``conf/`` map one-to-one onto these classes; nothing in the math reads a
+config object. Defaults are the ones of SPEC.md (the numerics behind the paper's tables).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+__all__ = ["LPConfig", "PixelConfig", "WindowConfig", "LPOSSConfig"]
+
+
+@dataclass(frozen=True)
+class LPConfig:
+    """Label propagation over patches (SPEC §3).
+
+    Attributes:
+        k: neighbours per node in the kNN graph, the node itself included (clamped to N).
+        gamma: exponent of the appearance kernel ``max(f_i.f_j, 0)^gamma``.
+        sigma: scale of the spatial kernel ``exp(-sigma * d^dist_pow)`` (d in pixels).
+        dist_pow: power of the patch-centre distance in the spatial kernel.
+        alpha: propagation strength in ``L = I - alpha * S_hat``.
+        max_iter: conjugate-gradient iterations.
+        tol: per-column relative residual at which CG stops early.
+        appearance: ``"power"`` (``s^gamma``, default) or ``"exp"`` (``exp(-(1 - s) / sigma_a)``).
+        sigma_a: scale of the ``"exp"`` appearance kernel.
+        spatial: ``"rbf"`` (default), ``"linear"`` (``max(1 - sigma * d, 0)``) or ``"none"``.
+        graph_features: ``"vm"`` (default, DINO) or ``"vlm"`` (CLIP's own features for S_a).
+    """
+
+    k: int = 400
+    gamma: float = 3.0
+    sigma: float = 0.01
+    dist_pow: float = 1.0
+    alpha: float = 0.95
+    max_iter: int = 10
+    tol: float = 1e-6
+    appearance: str = "power"
+    sigma_a: float = 0.1
+    spatial: str = "rbf"
+    graph_features: str = "vm"
+
+
+@dataclass(frozen=True)
+class PixelConfig:
+    """Label propagation over pixels, the "+" of LPOSS+ (SPEC §4).
+
+    Attributes:
+        enabled: run the pixel stage (LPOSS+) or stop after the patch stage (LPOSS).
+        r: side of the square neighbourhood (odd), self excluded.
+        tau: scale of the colour kernel ``exp(-||lab_i - lab_j|| / tau)``.
+        alpha, max_iter, tol: as for :class:`LPConfig`.
+        spatial: ``"binary"`` (default: every pixel of the window counts fully) or ``"rbf"``.
+        sigma_s: scale in pixels of the ``"rbf"`` spatial factor ``exp(-d^2 / sigma_s^2)``.
+        feature: ``"lab"`` (default), ``"depth"`` or ``"lab+depth"``.
+        backend: ``"auto"``, ``"torch"``, ``"numba"`` or ``"triton"``.
+        max_bytes: memory budget of one CG over classes; classes are solved in chunks beyond it.
+    """
+
+    enabled: bool = True
+    r: int = 13
+    tau: float = 0.01
+    alpha: float = 0.95
+    max_iter: int = 10
+    tol: float = 1e-6
+    spatial: str = "binary"
+    sigma_s: float = 6.0
+    feature: str = "lab"
+    backend: str = "auto"
+    max_bytes: int = 1 << 30
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    """Resize and sliding windows (SPEC §1).
+
+    Attributes:
+        size: window side in pixels; 0 means no windows (the whole image is one window).
+        stride: window stride in pixels.
+        short_side: the resized image's short side is at most this.
+        long_side: the resized image's long side is at most this.
+        joint: one graph over the patches of all windows (default, SPEC §1) or one graph per window.
+        ensemble: extra ``(size, stride)`` setups whose outputs are averaged with this one's (Table 3).
+    """
+
+    size: int = 224
+    stride: int = 112
+    short_side: int = 448
+    long_side: int = 2048
+    joint: bool = True
+    ensemble: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        # Hydra hands lists over; keep the dataclass hashable and comparable.
+        object.__setattr__(self, "ensemble", tuple(tuple(int(v) for v in e) for e in self.ensemble))
+
+
+@dataclass(frozen=True)
+class LPOSSConfig:
+    """Everything a :class:`lposs_lab.LPOSS` predictor needs.
+
+    Attributes:
+        vm: vision model for the graph (``dino_b16``, ``dino_b8``, ``dinov2_b14``, ``tiny_random``...).
+        vlm: vision-language model for the initial scores (``maskclip_b16``, ``tiny_random``).
+        vm_pretrained: ``None`` for the registry default, or a local checkpoint path.
+        vlm_pretrained: same for the VLM.
+        lp: patch-stage hyperparameters.
+        pixel: pixel-stage hyperparameters.
+        window: window setup.
+        device: torch device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``...) or ``"auto"``.
+        encoder_dtype: ``"float32"`` or ``"float16"``/``"bfloat16"`` for the encoders (CUDA only).
+    """
+
+    vm: str = "dino_b16"
+    vlm: str = "maskclip_b16"
+    vm_pretrained: str | None = None
+    vlm_pretrained: str | None = None
+    lp: LPConfig = field(default_factory=LPConfig)
+    pixel: PixelConfig = field(default_factory=PixelConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    device: str = "auto"
+    encoder_dtype: str = "float32"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LPOSSConfig:
+        """Build from a plain (possibly nested) mapping, e.g. a resolved Hydra config.
+
+        Unknown keys raise ``ValueError`` naming the key and the valid ones.
+        """
+        nested = {"lp": LPConfig, "pixel": PixelConfig, "window": WindowConfig}
+        kwargs: dict[str, Any] = {}
+        valid = {f.name for f in fields(cls)}
+        for key, value in d.items():
+            if key not in valid:
+                raise ValueError(f"unknown LPOSS config key {key!r}; valid keys: {sorted(valid)}")
+            if key in nested and not isinstance(value, nested[key]):
+                kwargs[key] = _sub(nested[key], value, key)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> LPOSSConfig:
+        """Copy with top-level fields replaced."""
+        return replace(self, **changes)
+
+
+def _sub(kind: type, value: Mapping[str, Any] | None, name: str):
+    value = dict(value or {})
+    valid = {f.name for f in fields(kind)}
+    unknown = sorted(set(value) - valid)
+    if unknown:
+        raise ValueError(f"unknown {name} config key(s) {unknown}; valid keys: {sorted(valid)}")
+    return kind(**value)

@@ -1,0 +1,178 @@
+"""Label propagation over pixels (LPOSS+, SPEC §4).
+
+The pixel graph is a fixed ``r x r`` stencil: for each of the ``(r*r - 1) / 2`` "forward" offsets
+we keep one weight plane ``[H, W]`` (the edge to the pixel at that offset), the reverse edge being
+the same weight read at the neighbour. The ``D^-1/2`` normalisation is folded into the planes, so
+a product with ``S_hat`` needs no general sparse matrix and no per-class work.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .kernels import stencil_operator
+from .propagation import conjugate_gradient
+
+__all__ = ["rgb_to_lab", "stencil_offsets", "pixel_graph", "refine_pixels", "lab_features"]
+
+# sRGB (D65) -> CIE XYZ, and the D65 reference white (the constants of scikit-image's rgb2lab).
+_XYZ_FROM_RGB = (
+    (0.412453, 0.357580, 0.180423),
+    (0.212671, 0.715160, 0.072169),
+    (0.019334, 0.119193, 0.950227),
+)
+_D65_WHITE = (0.95047, 1.0, 1.08883)
+LAB_SCALE = (100.0, 128.0, 128.0)
+
+
+def rgb_to_lab(image: Tensor) -> Tensor:
+    """CIE L*a*b* (sRGB, D65) of an RGB image.
+
+    Args:
+        image: ``[3, H, W]`` RGB in ``[0, 1]``.
+
+    Returns:
+        ``[3, H, W]`` with L in ``[0, 100]`` and a, b roughly in ``[-128, 127]``.
+    """
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be [3, H, W], got {tuple(image.shape)}")
+    rgb = image.float()
+    lin = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055).pow(2.4), rgb / 12.92)
+    m = torch.tensor(_XYZ_FROM_RGB, dtype=torch.float32, device=rgb.device)
+    xyz = torch.einsum("ij,jhw->ihw", m, lin)
+    white = torch.tensor(_D65_WHITE, dtype=torch.float32, device=rgb.device)[:, None, None]
+    t = xyz / white
+    f = torch.where(t > 0.008856, t.clamp(min=0).pow(1.0 / 3.0), 7.787 * t + 16.0 / 116.0)
+    fx, fy, fz = f[0], f[1], f[2]
+    lightness = 116.0 * fy - 16.0
+    return torch.stack([lightness, 500.0 * (fx - fy), 200.0 * (fy - fz)])
+
+
+def lab_features(image: Tensor) -> Tensor:
+    """The pixel feature of SPEC §4: Lab divided by ``(100, 128, 128)``. ``[3, H, W] -> [3, H, W]``."""
+    scale = torch.tensor(LAB_SCALE, dtype=torch.float32, device=image.device)[:, None, None]
+    return rgb_to_lab(image) / scale
+
+
+def stencil_offsets(r: int) -> list[tuple[int, int]]:
+    """The forward half of an ``r x r`` neighbourhood: ``(dy, dx)`` with ``dy > 0`` or ``dy == 0, dx > 0``."""
+    if r < 1 or r % 2 == 0:
+        raise ValueError(f"r must be a positive odd integer, got {r}")
+    h = r // 2
+    return [(dy, dx) for dy in range(0, h + 1) for dx in range(-h, h + 1) if dy > 0 or dx > 0]
+
+
+def _pair_slices(h: int, w: int, dy: int, dx: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    """Slices (of pixel i, of neighbour j = i + (dy, dx)) over the pixels whose neighbour is inside."""
+    src = (slice(0, h - dy), slice(max(0, -dx), w - max(0, dx)))
+    dst = (slice(dy, h), slice(max(0, dx), w + min(0, dx)))
+    return src, dst
+
+
+def pixel_graph(
+    features: Tensor,
+    *,
+    r: int = 13,
+    tau: float = 0.01,
+    spatial: str = "binary",
+    sigma_s: float = 6.0,
+) -> tuple[Tensor, list[tuple[int, int]]]:
+    """Normalised stencil weights of the pixel graph.
+
+    Edge weight ``exp(-||f_i - f_j||_2 / tau)`` (times ``exp(-d^2 / sigma_s^2)`` for
+    ``spatial="rbf"``) between pixels at most ``r // 2`` apart on each axis, then
+    ``S_hat = D^-1/2 W D^-1/2`` with zero degrees set to 1.
+
+    Args:
+        features: ``[F, H, W]`` pixel features (e.g. :func:`lab_features`).
+
+    Returns:
+        ``(weights [K, H, W], offsets)``: ``weights[n, y, x]`` is ``S_hat`` between pixel ``(y, x)``
+        and ``(y + dy_n, x + dx_n)`` (0 where that neighbour is outside the image).
+    """
+    if features.ndim != 3:
+        raise ValueError(f"features must be [F, H, W], got {tuple(features.shape)}")
+    if spatial not in ("binary", "rbf"):
+        raise ValueError(f"unknown pixel spatial kernel {spatial!r}; valid choices: binary, rbf")
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    feats = features.float()
+    _, h, w = feats.shape
+    offsets = stencil_offsets(r)
+    weights = torch.zeros((len(offsets), h, w), dtype=torch.float32, device=feats.device)
+    deg = torch.zeros((h, w), dtype=torch.float32, device=feats.device)
+    for n, (dy, dx) in enumerate(offsets):
+        if dy >= h or abs(dx) >= w:
+            continue
+        src, dst = _pair_slices(h, w, dy, dx)
+        diff = feats[:, src[0], src[1]] - feats[:, dst[0], dst[1]]
+        wgt = torch.exp(-diff.pow(2).sum(0).sqrt() / tau)
+        if spatial == "rbf":
+            wgt = wgt * torch.exp(torch.tensor(-(dy * dy + dx * dx) / sigma_s**2, device=feats.device))
+        weights[n][src] = wgt
+        deg[src] += wgt
+        deg[dst] += wgt
+    deg = torch.where(deg == 0, torch.ones_like(deg), deg)
+    inv_sqrt = deg.rsqrt()
+    for n, (dy, dx) in enumerate(offsets):
+        if dy >= h or abs(dx) >= w:
+            continue
+        src, dst = _pair_slices(h, w, dy, dx)
+        weights[n][src] *= inv_sqrt[src] * inv_sqrt[dst]
+    return weights, offsets
+
+
+def refine_pixels(
+    image: Tensor,
+    scores: Tensor,
+    *,
+    r: int = 13,
+    tau: float = 0.01,
+    alpha: float = 0.95,
+    max_iter: int = 10,
+    tol: float = 1e-6,
+    spatial: str = "binary",
+    sigma_s: float = 6.0,
+    features: Tensor | None = None,
+    backend: str = "auto",
+    max_bytes: int = 1 << 30,
+) -> Tensor:
+    """LPOSS+: propagate per-pixel class scores over the pixel graph (SPEC §4).
+
+    Solves ``(I - alpha S_hat) X = Y`` for all classes by ``max_iter`` steps of batched conjugate
+    gradient from zero, classes in chunks when ``C x H x W`` would exceed ``max_bytes``.
+
+    Args:
+        image: ``[3, H, W]`` RGB float in ``[0, 1]``.
+        scores: ``[C, H, W]`` initial scores.
+        features: optional ``[F, H, W]`` pixel features replacing Lab (e.g. Lab and depth).
+        backend: stencil implementation: ``"auto"``, ``"torch"``, ``"numba"`` or ``"triton"``.
+
+    Returns:
+        ``[C, H, W]`` float32 refined scores on the device of ``scores``.
+    """
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be [3, H, W], got {tuple(image.shape)}")
+    if scores.ndim != 3 or scores.shape[1:] != image.shape[1:]:
+        raise ValueError(
+            f"scores must be [C, H, W] with H, W = {tuple(image.shape[1:])}, got {tuple(scores.shape)}"
+        )
+    if not 0 <= alpha < 1:
+        raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+    device = scores.device
+    feats = lab_features(image.to(device)) if features is None else features.to(device)
+    if feats.shape[1:] != scores.shape[1:]:
+        raise ValueError(f"features must be [F, H, W] with H, W = {tuple(scores.shape[1:])}")
+    weights, offsets = pixel_graph(feats, r=r, tau=tau, spatial=spatial, sigma_s=sigma_s)
+    c, h, w = scores.shape
+    op = stencil_operator(weights, offsets, alpha, backend=backend)
+    # Each CG column needs about 6 float32 copies (x, r, p, q, b and the product).
+    per_class = 6 * 4 * h * w
+    chunk = max(1, min(c, max_bytes // max(per_class, 1)))
+    out = torch.empty((c, h, w), dtype=torch.float32, device=device)
+    for start in range(0, c, chunk):
+        y = scores[start : start + chunk].float().permute(1, 2, 0).reshape(h * w, -1).contiguous()
+        x = conjugate_gradient(op, y, max_iter=max_iter, tol=tol)
+        out[start : start + chunk] = x.reshape(h, w, -1).permute(2, 0, 1)
+    return out

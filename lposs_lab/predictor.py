@@ -1,0 +1,317 @@
+"""The user-facing predictor: one image and a list of class names in, a label map out (SPEC §0-5)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import LPOSSConfig, WindowConfig
+from .image_io import to_rgb_uint8
+from .pixels import refine_pixels
+from .propagation import refine_patches
+from .windows import Window, crop_windows, patch_positions, resize_argmax, resize_image, stitch_windows, window_grid
+
+__all__ = ["LPOSS", "Prediction", "ImageFeatures", "METHODS", "resolve_device"]
+
+METHODS = ("maskclip", "lposs", "lposs_plus")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/``None`` -> CUDA when available, else CPU; anything else as given."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {str(device)!r} requested but CUDA is not available; use device=cpu")
+    return dev
+
+
+@dataclass
+class ImageFeatures:
+    """Encoder outputs of one image for one window setup: everything propagation needs but the text.
+
+    Attributes:
+        image: ``[3, h, w]`` float resized image in ``[0, 1]`` (the re-quantised uint8 / 255).
+        original_size: ``(H, W)`` of the input image.
+        windows: the windows over the resized image.
+        vm: ``[B, gh, gw, Dv]`` L2-normalised VM (graph) features per window.
+        vlm: ``[B, gh, gw, Dc]`` L2-normalised VLM features per window, on the VM grid.
+        patch_size: the VM patch size (for patch positions).
+    """
+
+    image: Tensor
+    original_size: tuple[int, int]
+    windows: list[Window]
+    vm: Tensor
+    vlm: Tensor
+    patch_size: int
+
+    def to(self, device: torch.device | str) -> ImageFeatures:
+        return ImageFeatures(
+            self.image.to(device), self.original_size, self.windows, self.vm.to(device), self.vlm.to(device),
+            self.patch_size,
+        )
+
+
+@dataclass
+class Prediction:
+    """Result of :meth:`LPOSS.predict`.
+
+    Attributes:
+        labels: ``[H, W]`` int64 class indices at the input image's size.
+        class_names: one name per class (the first synonym of each ``;`` group).
+        low_res_scores: ``[C, h, w]`` class scores before the final resize (resized-image resolution).
+        timings: seconds spent per stage (``features``, ``patch_lp``, ``pixel_lp``, ``total``).
+    """
+
+    labels: Tensor
+    class_names: list[str]
+    low_res_scores: Tensor
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def scores(self) -> Tensor:
+        """``[C, H, W]`` class scores at the input size (bilinear resize of :attr:`low_res_scores`)."""
+        h, w = self.labels.shape
+        return F.interpolate(self.low_res_scores[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class LPOSS:
+    """LPOSS / LPOSS+ predictor over a VM (graph features) and a VLM (initial scores).
+
+    Usage::
+
+        model = LPOSS.from_config(vm="dino_b16", vlm="maskclip_b16")
+        model.set_classes(["cat", "dog;puppy", "sky"])
+        pred = model.predict("photo.jpg")      # or model.predict(image, classes=[...])
+        pred.labels, pred.class_names
+
+    Args:
+        vm: module mapping ``[B, 3, h, w]`` images in ``[0, 1]`` to ``[B, gh, gw, D]`` features,
+            with a ``patch_size`` attribute (see :func:`lposs_lab.models.create_vm`).
+        vlm: same for the VLM, with ``encode_text`` (see :func:`lposs_lab.models.create_vlm`).
+        config: hyperparameters; ``config.vm``/``config.vlm`` are informative here.
+        method: ``"lposs_plus"`` (default when the pixel stage is enabled), ``"lposs"`` or ``"maskclip"``.
+        device: where everything runs (default: ``config.device``).
+        batch_size: windows per encoder forward pass.
+    """
+
+    def __init__(
+        self,
+        vm: nn.Module,
+        vlm: nn.Module,
+        config: LPOSSConfig | None = None,
+        *,
+        method: str | None = None,
+        device: str | torch.device | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        self.config = config or LPOSSConfig()
+        self.device = resolve_device(device if device is not None else self.config.device)
+        method = method or ("lposs_plus" if self.config.pixel.enabled else "lposs")
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; valid choices: {', '.join(METHODS)}")
+        self.method = method
+        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(
+            self.config.encoder_dtype
+        )
+        if dtype is None:
+            raise ValueError(f"unknown encoder_dtype {self.config.encoder_dtype!r}; use float32, float16 or bfloat16")
+        if dtype != torch.float32 and self.device.type != "cuda":
+            dtype = torch.float32  # half precision encoders only pay off (and are only tested) on CUDA
+        self.encoder_dtype = dtype
+        self.vm = vm.to(self.device, dtype).eval()
+        self.vlm = vlm.to(self.device, dtype).eval()
+        self.batch_size = batch_size
+        self._classes: list[str] | None = None
+        self._text: Tensor | None = None
+        self._owner: Tensor | None = None
+
+    @classmethod
+    def from_config(
+        cls, config: LPOSSConfig | Mapping[str, Any] | None = None, *, method: str | None = None, **overrides: Any
+    ) -> LPOSS:
+        """Build the encoders named by ``config`` (weights fetched/cached by huggingface_hub) and the predictor.
+
+        ``overrides`` replace top-level config fields, e.g. ``LPOSS.from_config(vm="dino_b8")``.
+        """
+        from .models import create_vlm, create_vm
+
+        if config is None:
+            config = LPOSSConfig()
+        elif not isinstance(config, LPOSSConfig):
+            config = LPOSSConfig.from_dict(config)
+        if overrides:
+            config = LPOSSConfig.from_dict({**_shallow(config), **overrides})
+        device = resolve_device(config.device)
+        vm = create_vm(config.vm, pretrained=config.vm_pretrained or True, device=device)
+        vlm = create_vlm(config.vlm, pretrained=config.vlm_pretrained or True, device=device)
+        return cls(vm, vlm, config, method=method, device=device)
+
+    # ------------------------------------------------------------------ classes
+    def set_classes(self, classes: Sequence[str]) -> None:
+        """Set the vocabulary: class names, each possibly ``"name;synonym;..."`` (text encoded once here)."""
+        from .text import split_synonyms, text_embeddings
+
+        if isinstance(classes, str):
+            classes = [c for c in classes.split(",")]
+        classes = [str(c).strip() for c in classes]
+        if not classes or all(not c.replace(";", "").strip() for c in classes):
+            raise ValueError("the class list is empty; give at least one class name, e.g. classes='cat,dog,sky'")
+        synonyms, owner = split_synonyms(classes)
+        with torch.inference_mode():
+            text = text_embeddings(self.vlm, synonyms)
+        self._classes = [c.split(";")[0].strip() for c in classes]
+        self._text = text.to(self.device, torch.float32)
+        self._owner = torch.as_tensor(owner, device=self.device, dtype=torch.long)
+
+    @property
+    def classes(self) -> list[str]:
+        if self._classes is None:
+            raise RuntimeError("no classes set: call set_classes([...]) first or pass classes= to predict()")
+        return list(self._classes)
+
+    # ------------------------------------------------------------------ stages
+    @torch.inference_mode()
+    def extract(self, image: Any, window: WindowConfig | None = None) -> ImageFeatures:
+        """Decode, resize and encode an image: per-window VM and VLM features (SPEC §1-2)."""
+        win = window or self.config.window
+        rgb = to_rgb_uint8(image)
+        resized = resize_image(rgb, win.short_side, win.long_side)
+        img = torch.from_numpy(resized).to(self.device).permute(2, 0, 1).float() / 255.0
+        windows = window_grid(img.shape[1], img.shape[2], win.size, win.stride)
+        crops = crop_windows(img, windows)
+        vm_feats, vlm_feats = [], []
+        for start in range(0, crops.shape[0], self.batch_size):
+            batch = crops[start : start + self.batch_size].to(self.encoder_dtype)
+            vm_feats.append(self.vm(batch).float())
+            vlm_feats.append(self.vlm(batch).float())
+        vm = torch.cat(vm_feats)
+        vlm = torch.cat(vlm_feats)
+        if vlm.shape[1:3] != vm.shape[1:3]:
+            grid = F.interpolate(
+                vlm.permute(0, 3, 1, 2), size=vm.shape[1:3], mode="bilinear", align_corners=False
+            ).permute(0, 2, 3, 1)
+            vlm = F.normalize(grid, dim=-1)
+        return ImageFeatures(img, tuple(rgb.shape[:2]), windows, vm, vlm, int(self.vm.patch_size))
+
+    @torch.inference_mode()
+    def propagate(self, feats: ImageFeatures) -> tuple[Tensor, dict[str, float]]:
+        """Scores ``[C, h, w]`` before the final resize, from cached features and the current classes."""
+        if self._text is None:
+            raise RuntimeError("no classes set: call set_classes([...]) first or pass classes= to predict()")
+        cfg = self.config
+        feats = feats.to(self.device)
+        timings: dict[str, float] = {}
+        b, gh, gw, _ = feats.vm.shape
+        y = feats.vlm.reshape(b * gh * gw, -1) @ self._text.T  # [N, T]
+        _, h, w = feats.image.shape
+        whole = cfg.window.size <= 0
+        t0 = time.perf_counter()
+        if self.method != "maskclip":
+            graph = feats.vm if cfg.lp.graph_features == "vm" else feats.vlm
+            graph = graph.reshape(b, gh * gw, -1)
+            pos = patch_positions(feats.windows, (gh, gw), feats.patch_size, device=self.device).reshape(b, -1, 2)
+            lp = dict(
+                k=cfg.lp.k, gamma=cfg.lp.gamma, sigma=cfg.lp.sigma, dist_pow=cfg.lp.dist_pow, alpha=cfg.lp.alpha,
+                max_iter=cfg.lp.max_iter, tol=cfg.lp.tol, appearance=cfg.lp.appearance, sigma_a=cfg.lp.sigma_a,
+                spatial=cfg.lp.spatial,
+            )
+            ys = y.reshape(b, gh * gw, -1)
+            if cfg.window.joint:
+                y = refine_patches(graph.reshape(b * gh * gw, -1), pos.reshape(-1, 2), y, **lp)
+            else:  # one graph per window (ablation)
+                y = torch.cat([refine_patches(graph[i], pos[i], ys[i], **lp) for i in range(b)])
+        _sync(self.device)
+        timings["patch_lp"] = time.perf_counter() - t0
+        grids = y.reshape(b, gh, gw, -1).permute(0, 3, 1, 2)
+        t0 = time.perf_counter()
+        if self.method == "lposs_plus":
+            scores = stitch_windows(grids, feats.windows, h, w)
+            px = cfg.pixel
+            scores = refine_pixels(
+                feats.image, scores, r=px.r, tau=px.tau, alpha=px.alpha, max_iter=px.max_iter, tol=px.tol,
+                spatial=px.spatial, sigma_s=px.sigma_s, backend=px.backend, max_bytes=px.max_bytes,
+            )
+        elif whole:
+            scores = grids[0]  # the patch grid goes straight to the original size (SPEC §5)
+        else:
+            scores = stitch_windows(grids, feats.windows, h, w)
+        _sync(self.device)
+        timings["pixel_lp"] = time.perf_counter() - t0
+        return self._reduce_synonyms(scores), timings
+
+    def _reduce_synonyms(self, scores: Tensor) -> Tensor:
+        assert self._owner is not None and self._classes is not None
+        n = len(self._classes)
+        if scores.shape[0] == n:
+            return scores
+        out = scores.new_full((n, *scores.shape[1:]), float("-inf"))
+        return out.index_reduce_(0, self._owner, scores, "amax", include_self=True)
+
+    # ------------------------------------------------------------------ all at once
+    def predict(self, image: Any, classes: Sequence[str] | None = None) -> Prediction:
+        """Segment one image (path, PIL image, numpy array or tensor) into the current classes.
+
+        Args:
+            image: any input :func:`lposs_lab.image_io.to_rgb_uint8` accepts.
+            classes: optional vocabulary; when given it replaces the current one (see :meth:`set_classes`).
+
+        Returns:
+            A :class:`Prediction` with the label map at the input size.
+        """
+        if classes is not None:
+            self.set_classes(classes)
+        names = self.classes
+        t_start = time.perf_counter()
+        windows = [self.config.window]
+        for size, stride in self.config.window.ensemble:
+            windows.append(replace(self.config.window, size=size, stride=stride, ensemble=()))
+        total = None
+        timings: dict[str, float] = {"features": 0.0, "patch_lp": 0.0, "pixel_lp": 0.0}
+        size = None
+        for win in windows:
+            t0 = time.perf_counter()
+            feats = self.extract(image, win)
+            _sync(self.device)
+            timings["features"] += time.perf_counter() - t0
+            scores, t = self.propagate(feats)
+            for key, value in t.items():
+                timings[key] += value
+            if total is None:
+                total, size = scores, scores.shape[1:]
+            else:  # ensemble: average the outputs of the window setups
+                if scores.shape[1:] != size:
+                    scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
+                total = total + scores
+        assert total is not None
+        scores = total / len(windows)
+        h, w = feats.original_size
+        labels, _ = resize_argmax(scores, h, w)
+        timings["total"] = time.perf_counter() - t_start
+        return Prediction(labels.cpu(), names, scores.cpu(), timings)
+
+    def __repr__(self) -> str:
+        return f"LPOSS(method={self.method!r}, vm={self.config.vm!r}, vlm={self.config.vlm!r}, device={self.device})"
+
+
+def _shallow(config: LPOSSConfig) -> dict[str, Any]:
+    return {f: getattr(config, f) for f in config.__dataclass_fields__}
+
+
+def labels_to_numpy(pred: Prediction) -> np.ndarray:
+    """The label map as an ``[H, W]`` uint8 (<= 255 classes) or uint16 numpy array."""
+    arr = pred.labels.numpy()
+    return arr.astype(np.uint8 if len(pred.class_names) <= 255 else np.uint16)
