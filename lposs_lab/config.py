@@ -55,7 +55,9 @@ class PixelConfig:
         alpha, max_iter, tol: as for :class:`LPConfig`.
         spatial: ``"binary"`` (default: every pixel of the window counts fully) or ``"rbf"``.
         sigma_s: scale in pixels of the ``"rbf"`` spatial factor ``exp(-d^2 / sigma_s^2)``.
-        feature: ``"lab"`` (default), ``"depth"`` or ``"lab+depth"``.
+        feature: ``"lab"`` (default), ``"depth"`` or ``"lab+depth"`` (depth from ``depth_model``).
+        depth_model: depth estimator for the depth features (``depth_anything_v2_small``, ``tiny_random``).
+        depth_weight: scale of the depth channel (in ``[0, 1]`` per image) in the pixel feature.
         backend: ``"auto"``, ``"torch"``, ``"numba"`` or ``"triton"``.
         max_bytes: memory budget of one CG over classes; classes are solved in chunks beyond it.
     """
@@ -69,6 +71,8 @@ class PixelConfig:
     spatial: str = "binary"
     sigma_s: float = 6.0
     feature: str = "lab"
+    depth_model: str = "depth_anything_v2_small"
+    depth_weight: float = 1.0
     backend: str = "auto"
     max_bytes: int = 1 << 30
 

@@ -55,7 +55,9 @@ def conjugate_gradient(
         r.sub_(q * step)
         rho_new = (r * r).sum(0)
         active = active & (rho_new.sqrt() > threshold)
-        beta = torch.where(active, rho_new / torch.where(rho > 0, rho, torch.ones_like(rho)), torch.zeros_like(rho))
+        beta = torch.where(
+            active, rho_new / torch.where(rho > 0, rho, torch.ones_like(rho)), torch.zeros_like(rho)
+        )
         p = r + p * beta
         rho = rho_new
     return x

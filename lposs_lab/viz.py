@@ -28,7 +28,7 @@ def palette(n: int = 256) -> np.ndarray:
 
 
 def label_image(labels: np.ndarray) -> Image.Image:
-    """An ``[H, W]`` label map as a palette ("P" mode) PNG image; more than 256 classes give a 16-bit "I;16"."""
+    """An ``[H, W]`` label map as a palette ("P") PNG image; over 256 classes give 16-bit "I;16"."""
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"labels must be [H, W], got {labels.shape}")
@@ -63,7 +63,9 @@ def overlay(
         raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} differ in size")
     colours = palette(max(256, len(class_names)))
     colour = colours[np.asarray(labels, dtype=np.int64) % len(colours)]
-    blend = (image.astype(np.float32) * (1 - alpha) + colour.astype(np.float32) * alpha + 0.5).astype(np.uint8)
+    blend = (image.astype(np.float32) * (1 - alpha) + colour.astype(np.float32) * alpha + 0.5).astype(
+        np.uint8
+    )
     h, w = labels.shape
     ids, counts = np.unique(labels, return_counts=True)
     present = [int(i) for i in ids[np.argsort(-counts, kind="stable")]]
@@ -78,8 +80,11 @@ def overlay(
     draw = ImageDraw.Draw(canvas)
     for n, i in enumerate(present):
         y = 6 + n * row
-        draw.rectangle([w + 8, y, w + 8 + font_size, y + font_size], fill=tuple(int(v) for v in colours[i]),
-                       outline=(0, 0, 0))
+        draw.rectangle(
+            [w + 8, y, w + 8 + font_size, y + font_size],
+            fill=tuple(int(v) for v in colours[i]),
+            outline=(0, 0, 0),
+        )
         name = class_names[i] if i < len(class_names) else str(i)
         draw.text((w + 16 + font_size, y), name, fill=(0, 0, 0), font=font)
     return canvas

@@ -41,7 +41,7 @@ class Window:
 
 
 def resized_shape(height: int, width: int, short_side: int = 448, long_side: int = 2048) -> tuple[int, int]:
-    """Target ``(h, w)``: scale ``s = min(long_side / long, short_side / short)``, sides ``int(side * s + 0.5)``.
+    """Target ``(h, w)``: ``s = min(long_side / long, short_side / short)``, sides ``int(side * s + 0.5)``.
 
     Sides are at least 1 (ours: the published code never meets such extreme aspect ratios).
     """

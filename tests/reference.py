@@ -17,7 +17,9 @@ def _solve(s_hat: sp.spmatrix, y: np.ndarray, alpha: float, max_iter: int, tol: 
     lap = sp.identity(n, dtype=np.float64, format="csr") - alpha * s_hat
     out = np.zeros_like(y, dtype=np.float64)
     for c in range(y.shape[1]):
-        out[:, c], _ = cg(lap, y[:, c].astype(np.float64), x0=np.zeros(n), rtol=tol, atol=0.0, maxiter=max_iter)
+        out[:, c], _ = cg(
+            lap, y[:, c].astype(np.float64), x0=np.zeros(n), rtol=tol, atol=0.0, maxiter=max_iter
+        )
     return out
 
 
@@ -31,8 +33,22 @@ def _normalise(w: sp.spmatrix) -> sp.csr_matrix:
     return (inv @ w @ inv).tocsr()
 
 
-def ref_refine_patches(features, positions, scores, *, k=400, gamma=3.0, sigma=0.01, dist_pow=1.0,
-                       alpha=0.95, max_iter=10, tol=1e-6, appearance="power", sigma_a=0.1, spatial="rbf"):
+def ref_refine_patches(
+    features,
+    positions,
+    scores,
+    *,
+    k=400,
+    gamma=3.0,
+    sigma=0.01,
+    dist_pow=1.0,
+    alpha=0.95,
+    max_iter=10,
+    tol=1e-6,
+    appearance="power",
+    sigma_a=0.1,
+    spatial="rbf",
+):
     f = np.asarray(features, dtype=np.float64)
     f = f / np.linalg.norm(f, axis=1, keepdims=True)
     p = np.asarray(positions, dtype=np.float64)
@@ -92,8 +108,19 @@ def ref_lab_features(image: np.ndarray) -> np.ndarray:
     return np.moveaxis(lab / np.array([100.0, 128.0, 128.0]), -1, 0)
 
 
-def ref_refine_pixels(image, scores, *, r=13, tau=0.01, alpha=0.95, max_iter=10, tol=1e-6,
-                      spatial="binary", sigma_s=6.0, features=None):
+def ref_refine_pixels(
+    image,
+    scores,
+    *,
+    r=13,
+    tau=0.01,
+    alpha=0.95,
+    max_iter=10,
+    tol=1e-6,
+    spatial="binary",
+    sigma_s=6.0,
+    features=None,
+):
     feat = ref_lab_features(image) if features is None else np.asarray(features, dtype=np.float64)
     c, h, w = scores.shape
     s_hat = _normalise(ref_pixel_graph(feat, r, tau, spatial, sigma_s))

@@ -44,7 +44,9 @@ def test_refine_pixels_custom_features_and_class_chunks():
     out = refine_pixels(img, scores, features=feats, tau=0.3)
     ref = ref_refine_pixels(img.numpy(), scores.numpy(), features=feats.numpy(), tau=0.3)
     assert rel_err(out, ref) <= 1e-4
-    chunked = refine_pixels(img, scores, features=feats, tau=0.3, max_bytes=6 * 4 * 20 * 24 * 2)  # 2 classes/chunk
+    chunked = refine_pixels(
+        img, scores, features=feats, tau=0.3, max_bytes=6 * 4 * 20 * 24 * 2
+    )  # 2 classes/chunk
     assert torch.allclose(chunked, out, rtol=0, atol=1e-6)
 
 
@@ -62,7 +64,9 @@ def test_lab_matches_scikit_image():
 
 def test_stencil_offsets_and_graph_layout():
     offs = stencil_offsets(13)
-    assert len(offs) == 84 and (0, 1) in offs and (6, -6) in offs and (0, -1) not in offs and (0, 0) not in offs
+    assert (
+        len(offs) == 84 and (0, 1) in offs and (6, -6) in offs and (0, -1) not in offs and (0, 0) not in offs
+    )
     weights, offsets = pixel_graph(torch.zeros(3, 4, 5), r=3)
     assert weights.shape == (4, 4, 5)
     # last column has no right neighbour, last row no lower one

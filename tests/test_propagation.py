@@ -43,7 +43,11 @@ def test_refine_patches_window_grid_positions_and_structure():
 
     pos = patch_positions([Window(0, 224, 0, 224), Window(0, 224, 112, 336)], (14, 14), 16)
     assert pos.shape == (392, 2)
-    assert pos[0].tolist() == [8.0, 8.0] and pos[196].tolist() == [8.0, 120.0] and pos[-1].tolist() == [216.0, 328.0]
+    assert (
+        pos[0].tolist() == [8.0, 8.0]
+        and pos[196].tolist() == [8.0, 120.0]
+        and pos[-1].tolist() == [216.0, 328.0]
+    )
     feats, _, scores = _inputs(n=392)
     out = refine_patches(feats, pos, scores)
     ref = ref_refine_patches(feats.numpy(), pos.numpy(), scores.numpy())

@@ -61,16 +61,18 @@ def parse_classes(value: Any) -> list[str]:
     from . import UserError
 
     if value is None:
-        raise UserError("no classes given: pass classes=\"cat,dog;puppy,sky\" (',' between classes, ';' synonyms)")
+        raise UserError(
+            "no classes given: pass classes=\"cat,dog;puppy,sky\" (',' between classes, ';' synonyms)"
+        )
     if isinstance(value, str):
         items = value.split(",")
     elif isinstance(value, ListConfig | list | tuple):
         items = [str(v) for v in value if v is not None]
     else:
-        raise UserError(f"classes must be a string like \"cat,dog;puppy\" or a list, got {value!r}")
+        raise UserError(f'classes must be a string like "cat,dog;puppy" or a list, got {value!r}')
     classes = [str(c).strip() for c in items]
     if not classes or all(not c.replace(";", "").strip() for c in classes):
-        raise UserError("the class list is empty: pass classes=\"cat,dog;puppy,sky\"")
+        raise UserError('the class list is empty: pass classes="cat,dog;puppy,sky"')
     blank = [i for i, c in enumerate(classes) if not c.replace(";", "").strip()]
     if blank:
         raise UserError(f"class {blank[0] + 1} of {len(classes)} is blank in {value!r}")

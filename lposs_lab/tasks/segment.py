@@ -59,10 +59,14 @@ def segment(cfg: DictConfig) -> list[dict]:
             save_png(overlay(image, labels, pred.class_names), out / f"{stem}_overlay.png")
         if cfg.get("save_scores", False):
             buf = io.BytesIO()
-            np.savez_compressed(buf, scores=pred.scores.numpy().astype(np.float16), classes=np.array(pred.class_names))
+            np.savez_compressed(
+                buf, scores=pred.scores.numpy().astype(np.float16), classes=np.array(pred.class_names)
+            )
             with atomic_write(out / f"{stem}_scores.npz") as fh:
                 fh.write(buf.getvalue())
-        present = {pred.class_names[i]: int(c) for i, c in zip(*np.unique(labels, return_counts=True), strict=True)}
+        present = {
+            pred.class_names[i]: int(c) for i, c in zip(*np.unique(labels, return_counts=True), strict=True)
+        }
         summary = {
             "image": str(path),
             "label_png": str(out / f"{stem}.png"),
