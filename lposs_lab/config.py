@@ -109,7 +109,8 @@ class LPOSSConfig:
     Attributes:
         vm: vision model for the graph (``dino_b16``, ``dino_b8``, ``dinov2_b14``, ``tiny_random``...).
         vlm: vision-language model for the initial scores (``maskclip_b16``, ``tiny_random``).
-        vm_pretrained: ``None`` for the registry default, or a local checkpoint path.
+        vm_pretrained: ``None`` for the registry's weights (fetched/cached by huggingface_hub), a local
+            checkpoint path or ``hf-hub:org/repo``, or ``False`` for random init.
         vlm_pretrained: same for the VLM.
         lp: patch-stage hyperparameters.
         pixel: pixel-stage hyperparameters.
@@ -120,8 +121,8 @@ class LPOSSConfig:
 
     vm: str = "dino_b16"
     vlm: str = "maskclip_b16"
-    vm_pretrained: str | None = None
-    vlm_pretrained: str | None = None
+    vm_pretrained: str | bool | None = None
+    vlm_pretrained: str | bool | None = None
     lp: LPConfig = field(default_factory=LPConfig)
     pixel: PixelConfig = field(default_factory=PixelConfig)
     window: WindowConfig = field(default_factory=WindowConfig)

@@ -16,11 +16,23 @@ from .config import LPOSSConfig, WindowConfig
 from .image_io import to_rgb_uint8
 from .pixels import refine_pixels
 from .propagation import refine_patches
-from .windows import Window, crop_windows, patch_positions, resize_argmax, resize_image, stitch_windows, window_grid
+from .windows import (
+    Window,
+    crop_windows,
+    patch_positions,
+    resize_argmax,
+    resize_image,
+    stitch_windows,
+    window_grid,
+)
 
-__all__ = ["LPOSS", "Prediction", "ImageFeatures", "METHODS", "resolve_device"]
+__all__ = ["LPOSS", "Prediction", "ImageFeatures", "METHODS", "VLM_AS_VM", "resolve_device"]
 
 METHODS = ("maskclip", "lposs", "lposs_plus")
+#: VM names that mean "no separate VM: the VLM's own dense features are the graph features" (Table 4).
+VLM_AS_VM = ("clip_b16",)
+PIXEL_FEATURES = ("lab", "depth", "lab+depth")
+_LP_ARGS = ("k", "gamma", "sigma", "dist_pow", "alpha", "max_iter", "tol", "appearance", "sigma_a", "spatial")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -44,6 +56,7 @@ class ImageFeatures:
         vm: ``[B, gh, gw, Dv]`` L2-normalised VM (graph) features per window.
         vlm: ``[B, gh, gw, Dc]`` L2-normalised VLM features per window, on the VM grid.
         patch_size: the VM patch size (for patch positions).
+        depth: optional ``[h, w]`` depth in ``[0, 1]`` of the resized image (computed on demand otherwise).
     """
 
     image: Tensor
@@ -52,12 +65,14 @@ class ImageFeatures:
     vm: Tensor
     vlm: Tensor
     patch_size: int
+    depth: Tensor | None = None
 
     def to(self, device: torch.device | str) -> ImageFeatures:
-        return ImageFeatures(
-            self.image.to(device), self.original_size, self.windows, self.vm.to(device), self.vlm.to(device),
-            self.patch_size,
-        )
+        vlm = self.vlm.to(device)
+        vm = vlm if self.vm is self.vlm else self.vm.to(device)
+        depth = None if self.depth is None else self.depth.to(device)
+        image = self.image.to(device)
+        return ImageFeatures(image, self.original_size, self.windows, vm, vlm, self.patch_size, depth)
 
 
 @dataclass
@@ -106,6 +121,12 @@ class LPOSS:
         method: ``"lposs_plus"`` (default when the pixel stage is enabled), ``"lposs"`` or ``"maskclip"``.
         device: where everything runs (default: ``config.device``).
         batch_size: windows per encoder forward pass.
+        depth_model: depth estimator ``[B, 3, h, w] -> [B, h, w]`` for ``pixel.feature`` depth / lab+depth
+            (see :func:`lposs_lab.models.depth.create_depth`).
+
+    Attributes:
+        feature_cache: optional store with ``fetch(model, image, window, image_id) -> ImageFeatures``
+            (see :class:`lposs_lab.cache.FeatureStore`), used by :meth:`features` when an id is given.
     """
 
     def __init__(
@@ -117,6 +138,7 @@ class LPOSS:
         method: str | None = None,
         device: str | torch.device | None = None,
         batch_size: int = 32,
+        depth_model: nn.Module | None = None,
     ) -> None:
         self.config = config or LPOSSConfig()
         self.device = resolve_device(device if device is not None else self.config.device)
@@ -128,12 +150,20 @@ class LPOSS:
             self.config.encoder_dtype
         )
         if dtype is None:
-            raise ValueError(f"unknown encoder_dtype {self.config.encoder_dtype!r}; use float32, float16 or bfloat16")
+            raise ValueError(
+                f"unknown encoder_dtype {self.config.encoder_dtype!r}; use float32, float16 or bfloat16"
+            )
         if dtype != torch.float32 and self.device.type != "cuda":
             dtype = torch.float32  # half precision encoders only pay off (and are only tested) on CUDA
         self.encoder_dtype = dtype
         self.vm = vm.to(self.device, dtype).eval()
         self.vlm = vlm.to(self.device, dtype).eval()
+        if self.config.pixel.feature not in PIXEL_FEATURES:
+            raise ValueError(
+                f"unknown pixel feature {self.config.pixel.feature!r}; valid: {', '.join(PIXEL_FEATURES)}"
+            )
+        self.depth_model = None if depth_model is None else depth_model.to(self.device).eval()
+        self.feature_cache: Any = None
         self.batch_size = batch_size
         self._classes: list[str] | None = None
         self._text: Tensor | None = None
@@ -141,9 +171,13 @@ class LPOSS:
 
     @classmethod
     def from_config(
-        cls, config: LPOSSConfig | Mapping[str, Any] | None = None, *, method: str | None = None, **overrides: Any
+        cls,
+        config: LPOSSConfig | Mapping[str, Any] | None = None,
+        *,
+        method: str | None = None,
+        **overrides: Any,
     ) -> LPOSS:
-        """Build the encoders named by ``config`` (weights fetched/cached by huggingface_hub) and the predictor.
+        """Build the encoders named by ``config`` (weights fetched/cached by huggingface_hub), the predictor.
 
         ``overrides`` replace top-level config fields, e.g. ``LPOSS.from_config(vm="dino_b8")``.
         """
@@ -156,9 +190,17 @@ class LPOSS:
         if overrides:
             config = LPOSSConfig.from_dict({**_shallow(config), **overrides})
         device = resolve_device(config.device)
-        vm = create_vm(config.vm, pretrained=config.vm_pretrained or True, device=device)
-        vlm = create_vlm(config.vlm, pretrained=config.vlm_pretrained or True, device=device)
-        return cls(vm, vlm, config, method=method, device=device)
+        vlm = create_vlm(config.vlm, pretrained=_pretrained(config.vlm_pretrained), device=device)
+        if config.vm in VLM_AS_VM:  # CLIP's own features for the graph: no separate VM
+            vm = vlm
+        else:
+            vm = create_vm(config.vm, pretrained=_pretrained(config.vm_pretrained), device=device)
+        depth = None
+        if config.pixel.feature != "lab" and config.pixel.enabled and method in (None, "lposs_plus"):
+            from .models.depth import create_depth
+
+            depth = create_depth(config.pixel.depth_model, device=device)
+        return cls(vm, vlm, config, method=method, device=device, depth_model=depth)
 
     # ------------------------------------------------------------------ classes
     def set_classes(self, classes: Sequence[str]) -> None:
@@ -169,7 +211,9 @@ class LPOSS:
             classes = [c for c in classes.split(",")]
         classes = [str(c).strip() for c in classes]
         if not classes or all(not c.replace(";", "").strip() for c in classes):
-            raise ValueError("the class list is empty; give at least one class name, e.g. classes='cat,dog,sky'")
+            raise ValueError(
+                "the class list is empty; give at least one class name, e.g. classes='cat,dog,sky'"
+            )
         synonyms, owner = split_synonyms(classes)
         with torch.inference_mode():
             text = text_embeddings(self.vlm, synonyms)
@@ -194,18 +238,47 @@ class LPOSS:
         windows = window_grid(img.shape[1], img.shape[2], win.size, win.stride)
         crops = crop_windows(img, windows)
         vm_feats, vlm_feats = [], []
+        shared = self.vm is self.vlm
         for start in range(0, crops.shape[0], self.batch_size):
             batch = crops[start : start + self.batch_size].to(self.encoder_dtype)
-            vm_feats.append(self.vm(batch).float())
             vlm_feats.append(self.vlm(batch).float())
-        vm = torch.cat(vm_feats)
+            if not shared:
+                vm_feats.append(self.vm(batch).float())
         vlm = torch.cat(vlm_feats)
+        vm = vlm if shared else torch.cat(vm_feats)
         if vlm.shape[1:3] != vm.shape[1:3]:
             grid = F.interpolate(
                 vlm.permute(0, 3, 1, 2), size=vm.shape[1:3], mode="bilinear", align_corners=False
             ).permute(0, 2, 3, 1)
             vlm = F.normalize(grid, dim=-1)
         return ImageFeatures(img, tuple(rgb.shape[:2]), windows, vm, vlm, int(self.vm.patch_size))
+
+    def features(
+        self, image: Any, window: WindowConfig | None = None, image_id: str | None = None
+    ) -> ImageFeatures:
+        """:meth:`extract`, through :attr:`feature_cache` when one is attached and ``image_id`` is given."""
+        win = window or self.config.window
+        if self.feature_cache is None or image_id is None:
+            return self.extract(image, win)
+        return self.feature_cache.fetch(self, image, win, str(image_id))
+
+    @torch.inference_mode()
+    def pixel_features(self, feats: ImageFeatures) -> Tensor | None:
+        """``[F, h, w]`` pixel-stage features for ``pixel.feature`` (None: Lab, computed by refine_pixels)."""
+        px = self.config.pixel
+        if px.feature == "lab":
+            return None
+        from .models.depth import pixel_features
+
+        depth = feats.depth
+        if depth is None:
+            if self.depth_model is None:
+                raise ValueError(
+                    f"pixel.feature={px.feature} needs a depth model; "
+                    "build with LPOSS.from_config or pass depth_model="
+                )
+            depth = self.depth_model(feats.image[None].to(self.device))[0]
+        return pixel_features(feats.image, depth, px.feature, depth_weight=px.depth_weight)
 
     @torch.inference_mode()
     def propagate(self, feats: ImageFeatures) -> tuple[Tensor, dict[str, float]]:
@@ -223,12 +296,9 @@ class LPOSS:
         if self.method != "maskclip":
             graph = feats.vm if cfg.lp.graph_features == "vm" else feats.vlm
             graph = graph.reshape(b, gh * gw, -1)
-            pos = patch_positions(feats.windows, (gh, gw), feats.patch_size, device=self.device).reshape(b, -1, 2)
-            lp = dict(
-                k=cfg.lp.k, gamma=cfg.lp.gamma, sigma=cfg.lp.sigma, dist_pow=cfg.lp.dist_pow, alpha=cfg.lp.alpha,
-                max_iter=cfg.lp.max_iter, tol=cfg.lp.tol, appearance=cfg.lp.appearance, sigma_a=cfg.lp.sigma_a,
-                spatial=cfg.lp.spatial,
-            )
+            pos = patch_positions(feats.windows, (gh, gw), feats.patch_size, device=self.device)
+            pos = pos.reshape(b, -1, 2)
+            lp = {name: getattr(cfg.lp, name) for name in _LP_ARGS}
             ys = y.reshape(b, gh * gw, -1)
             if cfg.window.joint:
                 y = refine_patches(graph.reshape(b * gh * gw, -1), pos.reshape(-1, 2), y, **lp)
@@ -244,6 +314,7 @@ class LPOSS:
             scores = refine_pixels(
                 feats.image, scores, r=px.r, tau=px.tau, alpha=px.alpha, max_iter=px.max_iter, tol=px.tol,
                 spatial=px.spatial, sigma_s=px.sigma_s, backend=px.backend, max_bytes=px.max_bytes,
+                features=self.pixel_features(feats),
             )
         elif whole:
             scores = grids[0]  # the patch grid goes straight to the original size (SPEC §5)
@@ -259,15 +330,19 @@ class LPOSS:
         if scores.shape[0] == n:
             return scores
         out = scores.new_full((n, *scores.shape[1:]), float("-inf"))
-        return out.index_reduce_(0, self._owner, scores, "amax", include_self=True)
+        index = self._owner.view(-1, *([1] * (scores.ndim - 1))).expand_as(scores)
+        return out.scatter_reduce_(0, index, scores, "amax", include_self=True)
 
     # ------------------------------------------------------------------ all at once
-    def predict(self, image: Any, classes: Sequence[str] | None = None) -> Prediction:
+    def predict(
+        self, image: Any, classes: Sequence[str] | None = None, *, image_id: str | None = None
+    ) -> Prediction:
         """Segment one image (path, PIL image, numpy array or tensor) into the current classes.
 
         Args:
             image: any input :func:`lposs_lab.image_io.to_rgb_uint8` accepts.
             classes: optional vocabulary; when given it replaces the current one (see :meth:`set_classes`).
+            image_id: the image's id in its dataset: features come from :attr:`feature_cache` when set.
 
         Returns:
             A :class:`Prediction` with the label map at the input size.
@@ -284,7 +359,7 @@ class LPOSS:
         size = None
         for win in windows:
             t0 = time.perf_counter()
-            feats = self.extract(image, win)
+            feats = self.features(image, win, image_id)
             _sync(self.device)
             timings["features"] += time.perf_counter() - t0
             scores, t = self.propagate(feats)
@@ -304,7 +379,8 @@ class LPOSS:
         return Prediction(labels.cpu(), names, scores.cpu(), timings)
 
     def __repr__(self) -> str:
-        return f"LPOSS(method={self.method!r}, vm={self.config.vm!r}, vlm={self.config.vlm!r}, device={self.device})"
+        cfg = self.config
+        return f"LPOSS(method={self.method!r}, vm={cfg.vm!r}, vlm={cfg.vlm!r}, device={self.device})"
 
 
 def _shallow(config: LPOSSConfig) -> dict[str, Any]:
@@ -315,3 +391,8 @@ def labels_to_numpy(pred: Prediction) -> np.ndarray:
     """The label map as an ``[H, W]`` uint8 (<= 255 classes) or uint16 numpy array."""
     arr = pred.labels.numpy()
     return arr.astype(np.uint8 if len(pred.class_names) <= 255 else np.uint16)
+
+
+def _pretrained(value: Any) -> Any:
+    """``None``: the registry's weights; ``False``: random init; a string: a checkpoint or hf-hub spec."""
+    return True if value is None else value

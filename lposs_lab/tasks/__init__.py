@@ -12,6 +12,7 @@ __all__ = ["TASKS", "run_task", "UserError"]
 # task name -> "module:function" (imported lazily so a task's heavy dependencies load only when used)
 TASKS = {
     "segment": "lposs_lab.tasks.segment:segment",
+    "evaluate": "lposs_lab.tasks.evaluate:evaluate",
 }
 
 
