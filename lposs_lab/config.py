@@ -74,7 +74,7 @@ class PixelConfig:
     depth_model: str = "depth_anything_v2_small"
     depth_weight: float = 1.0
     backend: str = "auto"
-    max_bytes: int = 1 << 30
+    max_bytes: int = 1 << 29
 
 
 @dataclass(frozen=True)

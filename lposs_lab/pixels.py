@@ -70,6 +70,14 @@ def _pair_slices(h: int, w: int, dy: int, dx: int) -> tuple[tuple[slice, slice],
     return src, dst
 
 
+def _check_graph_args(r: int, tau: float, spatial: str) -> None:
+    stencil_offsets(r)
+    if spatial not in ("binary", "rbf"):
+        raise ValueError(f"unknown pixel spatial kernel {spatial!r}; valid choices: binary, rbf")
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+
+
 def pixel_graph(
     features: Tensor,
     *,
@@ -93,10 +101,7 @@ def pixel_graph(
     """
     if features.ndim != 3:
         raise ValueError(f"features must be [F, H, W], got {tuple(features.shape)}")
-    if spatial not in ("binary", "rbf"):
-        raise ValueError(f"unknown pixel spatial kernel {spatial!r}; valid choices: binary, rbf")
-    if tau <= 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
+    _check_graph_args(r, tau, spatial)
     feats = features.float()
     _, h, w = feats.shape
     offsets = stencil_offsets(r)
@@ -136,7 +141,7 @@ def refine_pixels(
     sigma_s: float = 6.0,
     features: Tensor | None = None,
     backend: str = "auto",
-    max_bytes: int = 1 << 30,
+    max_bytes: int = 1 << 29,
 ) -> Tensor:
     """LPOSS+: propagate per-pixel class scores over the pixel graph (SPEC §4).
 
@@ -164,11 +169,11 @@ def refine_pixels(
     feats = lab_features(image.to(device)) if features is None else features.to(device)
     if feats.shape[1:] != scores.shape[1:]:
         raise ValueError(f"features must be [F, H, W] with H, W = {tuple(scores.shape[1:])}")
-    weights, offsets = pixel_graph(feats, r=r, tau=tau, spatial=spatial, sigma_s=sigma_s)
     c, h, w = scores.shape
+    weights, offsets = pixel_graph(feats, r=r, tau=tau, spatial=spatial, sigma_s=sigma_s)
     op = stencil_operator(weights, offsets, alpha, backend=backend)
-    # Each CG column needs about 6 float32 copies (x, r, p, q, b and the product).
-    per_class = 6 * 4 * h * w
+    # Each CG column holds about 10 float32 planes (x, r, p, q, b, temporaries, the chunk copies).
+    per_class = 10 * 4 * h * w
     chunk = max(1, min(c, max_bytes // max(per_class, 1)))
     out = torch.empty((c, h, w), dtype=torch.float32, device=device)
     for start in range(0, c, chunk):

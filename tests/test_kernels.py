@@ -104,7 +104,7 @@ def test_refine_pixels_equal_across_backends():
         assert _rel(out, ref) < 1e-5, b
     # Class chunking (max_bytes) does not change the numba result either.
     if "numba" in outs:
-        chunked = refine_pixels(image, scores, backend="numba", max_bytes=6 * 4 * 19 * 26 * 5)
+        chunked = refine_pixels(image, scores, backend="numba", max_bytes=10 * 4 * 19 * 26 * 5)
         assert _rel(chunked, ref) < 1e-5
 
 

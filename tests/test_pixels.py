@@ -45,7 +45,7 @@ def test_refine_pixels_custom_features_and_class_chunks():
     ref = ref_refine_pixels(img.numpy(), scores.numpy(), features=feats.numpy(), tau=0.3)
     assert rel_err(out, ref) <= 1e-4
     chunked = refine_pixels(
-        img, scores, features=feats, tau=0.3, max_bytes=6 * 4 * 20 * 24 * 2
+        img, scores, features=feats, tau=0.3, max_bytes=10 * 4 * 20 * 24 * 2
     )  # 2 classes/chunk
     assert torch.allclose(chunked, out, rtol=0, atol=1e-6)
 
