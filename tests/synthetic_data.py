@@ -22,6 +22,7 @@ from PIL import Image
 
 from lposs_lab.data.benchmarks import get_benchmark
 from lposs_lab.data.coco_object import convert_coco_stuff_to_object
+from lposs_lab.viz import palette as palette_colours
 
 __all__ = ["EXTRA_ID", "expected_ids", "make_dataset", "make_label", "raw_label_values"]
 
@@ -85,19 +86,6 @@ def _image_for(label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return img.clip(0, 255).astype(np.uint8)
 
 
-def _voc_palette() -> list[int]:
-    pal = np.zeros((256, 3), dtype=np.uint8)
-    for i in range(256):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal[i] = (r, g, b)
-    return pal.flatten().tolist()
-
-
 def _write_pair(img_path: Path, lbl_path: Path, label: np.ndarray, image: np.ndarray, palette: bool) -> None:
     img_path.parent.mkdir(parents=True, exist_ok=True)
     lbl_path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +96,7 @@ def _write_pair(img_path: Path, lbl_path: Path, label: np.ndarray, image: np.nda
     lab = Image.fromarray(label)
     if palette:
         lab = lab.convert("P")
-        lab.putpalette(_voc_palette())
+        lab.putpalette(palette_colours(256).reshape(-1).tolist())
     lab.save(lbl_path, format="PNG")
 
 
