@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -69,3 +71,6 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     with atomic_write(target) as fh:
         fh.write(b"ok")
     assert target.read_bytes() == b"ok" and len(list((tmp_path / "out").iterdir())) == 1
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
