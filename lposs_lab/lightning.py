@@ -249,7 +249,15 @@ class EvalModule(pl.LightningModule):
                 metric.reset()
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         if device.type == "cpu" and self._trainer is not None and self.trainer.world_size > 1:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, self.trainer.num_devices)))
+            # Share the cores between the processes (torch and the numba stencil), no oversubscription.
+            threads = max(1, (os.cpu_count() or 1) // max(1, self.trainer.num_devices))
+            torch.set_num_threads(threads)
+            try:
+                import numba
+
+                numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            except ImportError:  # pragma: no cover - numba is a dependency; torch stencil otherwise
+                pass
         if self.mode == "model" and self.predictor is None:
             from dataclasses import replace
 
