@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .kernels import stencil_operator
+from .kernels import resolve_backend, stencil_operator
 from .propagation import conjugate_gradient
 
 __all__ = ["rgb_to_lab", "stencil_offsets", "pixel_graph", "refine_pixels", "lab_features"]
@@ -170,14 +170,29 @@ def refine_pixels(
     if feats.shape[1:] != scores.shape[1:]:
         raise ValueError(f"features must be [F, H, W] with H, W = {tuple(scores.shape[1:])}")
     c, h, w = scores.shape
-    weights, offsets = pixel_graph(feats, r=r, tau=tau, spatial=spatial, sigma_s=sigma_s)
-    op = stencil_operator(weights, offsets, alpha, backend=backend)
+    name = resolve_backend(backend, device.type)
+    if name == "numba":
+        from .kernels.numba_solver import numba_pixel_solver
+
+        _check_graph_args(r, tau, spatial)
+        solve = numba_pixel_solver(
+            feats, r=r, tau=tau, alpha=alpha, max_iter=max_iter, tol=tol, spatial=spatial, sigma_s=sigma_s
+        )
+    else:
+        weights, offsets = pixel_graph(feats, r=r, tau=tau, spatial=spatial, sigma_s=sigma_s)
+        op = stencil_operator(weights, offsets, alpha, backend=name)
+
+        def solve(y: Tensor) -> Tensor:
+            n = y.shape[0]
+            x = conjugate_gradient(
+                op, y.permute(1, 2, 0).reshape(h * w, n).contiguous(), max_iter=max_iter, tol=tol
+            )
+            return x.reshape(h, w, n).permute(2, 0, 1)
+
     # Each CG column holds about 10 float32 planes (x, r, p, q, b, temporaries, the chunk copies).
     per_class = 10 * 4 * h * w
     chunk = max(1, min(c, max_bytes // max(per_class, 1)))
     out = torch.empty((c, h, w), dtype=torch.float32, device=device)
     for start in range(0, c, chunk):
-        y = scores[start : start + chunk].float().permute(1, 2, 0).reshape(h * w, -1).contiguous()
-        x = conjugate_gradient(op, y, max_iter=max_iter, tol=tol)
-        out[start : start + chunk] = x.reshape(h, w, -1).permute(2, 0, 1)
+        out[start : start + chunk] = solve(scores[start : start + chunk].float())
     return out

@@ -193,3 +193,80 @@ def test_triton_on_cuda_matches_reference():
     auto = refine_pixels(image, scores)
     ref = refine_pixels(image.cpu(), scores.cpu(), backend="torch")
     assert _rel(auto, ref) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "r", "spatial", "f"),
+    [
+        (17, 23, 13, "binary", 3),
+        (9, 30, 5, "rbf", 4),
+        (1, 12, 5, "binary", 3),
+        (4, 3, 13, "binary", 3),
+        (1, 1, 3, "rbf", 3),
+    ],
+)
+def test_fused_numba_graph_equals_planes_laid_out(h, w, r, spatial, f):
+    pytest.importorskip("numba")
+    from lposs_lab.kernels.numba_solver import neighbourhood_from_features
+    from lposs_lab.kernels.numba_stencil import full_neighbourhood
+    from lposs_lab.pixels import pixel_graph
+
+    g = torch.Generator().manual_seed(h * w + r)
+    feats = torch.rand((f, h, w), generator=g) * 0.05
+    feats[:, : h // 2] = 0.3  # a flat region: weights exactly 1 before normalisation
+    planes, offsets = pixel_graph(feats, r=r, tau=0.02, spatial=spatial, sigma_s=2.5)
+    want, half = full_neighbourhood(planes, offsets)
+    got, half2 = neighbourhood_from_features(feats, r=r, tau=0.02, spatial=spatial, sigma_s=2.5)
+    rw = -(-r // 8) * 8  # stencil rows stored in whole groups of eight
+    assert half2 == half and got.shape == want.shape == (h * w, r, rw)
+    assert float(abs(got - want).max()) <= 2e-6 * max(float(abs(want).max()), 1e-30)
+    # Exactly symmetric: the weight of (p, q) is the weight of (q, p), bit for bit; zero elsewhere.
+    for p in range(h * w):
+        y, x = divmod(p, w)
+        for i in range(r):
+            for j in range(rw):
+                dy, dx = i - half, j - half
+                if j < r and 0 <= y + dy < h and 0 <= x + dx < w:
+                    assert got[p, i, j] == got[(y + dy) * w + x + dx, r - 1 - i, r - 1 - j]
+                else:
+                    assert got[p, i, j] == 0
+
+
+@pytest.mark.parametrize("c", [1, 8, 13, 70])
+def test_fused_numba_solver_equals_generic_cg(c):
+    pytest.importorskip("numba")
+    from lposs_lab.kernels.numba_solver import numba_pixel_solver
+    from lposs_lab.pixels import lab_features, pixel_graph
+    from lposs_lab.propagation import conjugate_gradient
+
+    g = torch.Generator().manual_seed(c)
+    h, w = 15, 22
+    feats = lab_features(torch.rand((3, h, w), generator=g))
+    scores = torch.randn((c, h, w), generator=g)
+    scores[0] = 0.0  # a zero column never starts
+    if c > 1:
+        scores[1] = 1.0  # a column that converges early and is then frozen
+    planes, offsets = pixel_graph(feats, r=5, tau=0.05)
+    op = torch_stencil_operator(planes, offsets, 0.9)
+    for max_iter, tol in [(10, 1e-6), (25, 1e-3), (1, 1e-6)]:
+        want = conjugate_gradient(op, scores.permute(1, 2, 0).reshape(h * w, c), max_iter=max_iter, tol=tol)
+        want = want.reshape(h, w, c).permute(2, 0, 1)
+        got = numba_pixel_solver(feats, r=5, tau=0.05, alpha=0.9, max_iter=max_iter, tol=tol)(scores)
+        assert got.shape == (c, h, w) and got.dtype == torch.float32
+        assert torch.equal(got[0], torch.zeros(h, w))
+        assert _rel(got, want) < 1e-5, (max_iter, tol)
+
+
+def test_row_stride_spreads_rows_over_cache_sets():
+    pytest.importorskip("numba")
+    from lposs_lab.kernels.numba_stencil import padded_width, row_layout, row_stride, slot_width
+
+    assert [padded_width(c) for c in (1, 8, 9, 21, 171)] == [8, 8, 16, 24, 176]
+    assert [slot_width(h) for h in (0, 1, 3, 4, 6, 8)] == [8, 8, 8, 16, 16, 24]
+    # 640 pixels x 24 classes is 960 cache lines a row: every row would start in L1 set 0.
+    ws = row_stride(640, 24, 6)
+    assert 640 < ws < 672 and (ws * 24 * 4 // 64) % 64 != 0
+    assert row_stride(23, 8, 6) >= 23
+    # Room for a full 16-wide stencil row read at both borders.
+    lead, ws = row_layout(640, 24, 6)
+    assert lead == 6 and ws >= 6 + 640 + 16 - 6 - 1

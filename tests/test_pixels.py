@@ -5,7 +5,10 @@ from conftest import cuda
 from reference import ref_lab_features, ref_refine_pixels, rel_err
 
 from lposs_lab import lab_features, pixel_graph, refine_pixels
+from lposs_lab.kernels import available_backends
 from lposs_lab.pixels import stencil_offsets
+
+CPU_BACKENDS = [b for b in available_backends("cpu") if b in ("torch", "numba")]
 
 
 def _image(h, w, seed=0, flat=True):
@@ -28,24 +31,26 @@ def _image(h, w, seed=0, flat=True):
         (16, 16, {"alpha": 0.8, "max_iter": 20}),
     ],
 )
-def test_refine_pixels_matches_float64_reference(h, w, kwargs):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_refine_pixels_matches_float64_reference(h, w, kwargs, backend):
     img = _image(h, w)
     scores = torch.randn(4, h, w, generator=torch.Generator().manual_seed(1))
-    out = refine_pixels(img, scores, **kwargs)
+    out = refine_pixels(img, scores, backend=backend, **kwargs)
     ref = ref_refine_pixels(img.numpy(), scores.numpy(), **kwargs)
     assert out.shape == scores.shape and out.dtype == torch.float32
     assert rel_err(out, ref) <= 1e-4
 
 
-def test_refine_pixels_custom_features_and_class_chunks():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_refine_pixels_custom_features_and_class_chunks(backend):
     img = _image(20, 24)
     feats = torch.rand(4, 20, 24, generator=torch.Generator().manual_seed(5))
-    scores = torch.randn(7, 20, 24, generator=torch.Generator().manual_seed(2))
-    out = refine_pixels(img, scores, features=feats, tau=0.3)
+    scores = torch.randn(11, 20, 24, generator=torch.Generator().manual_seed(2))
+    out = refine_pixels(img, scores, features=feats, tau=0.3, backend=backend)
     ref = ref_refine_pixels(img.numpy(), scores.numpy(), features=feats.numpy(), tau=0.3)
     assert rel_err(out, ref) <= 1e-4
     chunked = refine_pixels(
-        img, scores, features=feats, tau=0.3, max_bytes=10 * 4 * 20 * 24 * 2
+        img, scores, features=feats, tau=0.3, max_bytes=10 * 4 * 20 * 24 * 2, backend=backend
     )  # 2 classes/chunk
     assert torch.allclose(chunked, out, rtol=0, atol=1e-6)
 

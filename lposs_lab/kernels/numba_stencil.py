@@ -1,14 +1,17 @@
 """Compiled CPU stencil product ``(I - alpha S_hat) X`` of the pixel graph (numba).
 
-At construction the half-stencil planes ``[K, H, W]`` are laid out once as a dense pixel-major
-neighbourhood ``[H*W, r*r]`` (forward and reverse edges, zero outside the image and at the centre),
-so one pixel's weights are contiguous. The product walks the image in row tiles spread over the
-cores; for each pixel it gathers its neighbours row by row, up to eight neighbours per pass over
-the classes (class loop innermost, so the loop vectorises and each accumulator is read and written
-once per eight neighbours). Up to 64 classes are padded to a multiple of 8 (one SIMD register) in a
-reused buffer.
-Only ``contract`` fast-math is enabled (fused multiply-add): results match the reference to float32
-rounding.
+The weights are laid out as a dense pixel-major neighbourhood ``[H*W, r, R]`` with ``R`` the stencil
+width ``r`` rounded up to a multiple of 8 (zero outside the image, at the centre and in the extra
+columns), so one pixel's weights are contiguous and every stencil row is whole groups of eight.
+``X`` is pixel-major too, ``[H, Ws, Cp]``: classes padded to a multiple of 8 (one AVX register), each
+image row stored at column ``r // 2`` of a zero-padded row of stride ``Ws``. The zero margins let
+every pixel read its full stencil row without clipping at the left and right borders, and ``Ws`` is
+chosen so that the rows one pixel reads do not fall into the same L1 cache sets (a row of 640
+pixels x 24 classes is exactly 960 cache lines: unpadded, every row starts at set 0). For each pixel
+the kernel gathers its neighbours eight at a time with the class loop innermost (it vectorises, and
+each accumulator is read and written once per eight neighbours). Image rows are spread over the
+cores. Only ``contract`` fast-math is enabled (fused multiply-add): results match the reference to
+float32 rounding.
 """
 
 from __future__ import annotations
@@ -20,11 +23,53 @@ import torch
 from numba import njit, prange, uint64
 from torch import Tensor
 
-__all__ = ["numba_stencil_operator", "full_neighbourhood"]
+__all__ = [
+    "numba_stencil_operator",
+    "full_neighbourhood",
+    "padded_width",
+    "slot_width",
+    "row_layout",
+    "stencil_matvec",
+]
 
 _LANES = 8
-_TILE_ROWS = 4
-_PAD_MAX_CLASSES = 64
+_L1_SETS = 64  # 32 KiB, 8-way, 64-byte lines: the L1 data cache of current x86 cores
+_L1_WAYS = 8
+
+
+def padded_width(c: int) -> int:
+    """Classes padded to whole SIMD registers (a multiple of 8)."""
+    return -(-c // _LANES) * _LANES
+
+
+def slot_width(half: int) -> int:
+    """Stored width ``R`` of one stencil row: ``r = 2 half + 1`` rounded up to a multiple of 8."""
+    return -(-(2 * half + 1) // _LANES) * _LANES
+
+
+def row_layout(w: int, cp: int, half: int) -> tuple[int, int]:
+    """``(lead, Ws)`` of the padded ``X`` rows: an image row starts at column ``lead = half``, and the
+    stride leaves the ``R - 1`` zero columns that a full stencil row read at the borders needs."""
+    return half, row_stride(w + slot_width(half) - 1, cp, half)
+
+
+def row_stride(w: int, cp: int, half: int) -> int:
+    """A row stride ``>= w`` (in pixels) under which the ``2 half + 1`` rows read for one pixel spread
+    over the L1 cache sets instead of colliding in a few of them."""
+    rows = 2 * half + 1
+    span = -(-((2 * half + 2) * cp * 4) // 64)  # cache lines one pixel's window touches in a row
+    best, best_load = w, None
+    for ws in range(w, w + 32):
+        load = np.zeros(_L1_SETS, dtype=np.int64)
+        for y in range(rows):
+            first = y * ws * cp * 4 // 64
+            load[np.arange(first, first + span) % _L1_SETS] += 1
+        worst = int(load.max())
+        if best_load is None or worst < best_load:
+            best, best_load = ws, worst
+        if worst <= _L1_WAYS // 2:
+            break
+    return best
 
 
 def _check_offsets(offsets: list[tuple[int, int]], k: int) -> int:
@@ -43,28 +88,26 @@ def _check_offsets(offsets: list[tuple[int, int]], k: int) -> int:
 
 @njit(parallel=True, cache=True)
 def _fill_neighbourhood(weights, dys, dxs, half, out):  # pragma: no cover - compiled
-    """``out [H*W, r*r]``: forward edges at slot ``+o``, reverse edges (read at the neighbour) at ``-o``.
+    """``out [H*W, r, R]``: forward edges at ``+o``, reverse edges (read at the neighbour) at ``-o``.
 
     Pixels are visited in blocks of 64 along a row so the reads stay contiguous and the strided
     writes stay in cache.
     """
     k, h, w = weights.shape
-    r = 2 * half + 1
     b = 64
-    for y in prange(h):
+    for yy in prange(h):
+        y = np.int64(yy)  # prange indices may be unsigned
         for x0 in range(0, w, b):
             x1 = min(w, x0 + b)
             for n in range(k):
                 dy = dys[n]
                 dx = dxs[n]
                 if 0 <= y + dy < h:
-                    fwd = (dy + half) * r + dx + half
                     for x in range(max(x0, -dx), min(x1, w - dx)):
-                        out[y * w + x, fwd] = weights[n, y, x]
+                        out[y * w + x, dy + half, dx + half] = weights[n, y, x]
                 if 0 <= y - dy < h:
-                    rev = (half - dy) * r + half - dx
                     for x in range(max(x0, dx), min(x1, w + dx)):
-                        out[y * w + x, rev] = weights[n, y - dy, x - dx]
+                        out[y * w + x, half - dy, half - dx] = weights[n, y - dy, x - dx]
 
 
 def full_neighbourhood(weights: Tensor, offsets: list[tuple[int, int]]) -> tuple[np.ndarray, int]:
@@ -75,15 +118,15 @@ def full_neighbourhood(weights: Tensor, offsets: list[tuple[int, int]]) -> tuple
         offsets: the ``K`` forward offsets ``(dy, dx)``.
 
     Returns:
-        ``(nbhd [H*W, r*r] float32, r // 2)``: ``nbhd[y*W + x, (dy + r//2) * r + dx + r//2]`` is
-        ``S_hat`` between ``(y, x)`` and ``(y + dy, x + dx)`` for every ``|dy|, |dx| <= r // 2``.
+        ``(nbhd [H*W, r, R] float32, r // 2)``: ``nbhd[y*W + x, dy + r//2, dx + r//2]`` is ``S_hat``
+        between ``(y, x)`` and ``(y + dy, x + dx)`` for every ``|dy|, |dx| <= r // 2``; zero
+        elsewhere (``R = slot_width(r // 2)``).
     """
     if weights.ndim != 3:
         raise ValueError(f"weights must be [K, H, W], got {tuple(weights.shape)}")
     k, h, w = weights.shape
     half = _check_offsets(offsets, k)
-    r = 2 * half + 1
-    out = np.zeros((h * w, r * r), dtype=np.float32)
+    out = np.zeros((h * w, 2 * half + 1, slot_width(half)), dtype=np.float32)
     if k:
         wn = np.ascontiguousarray(weights.detach().to("cpu", torch.float32).numpy())
         dys = np.array([o[0] for o in offsets], dtype=np.int64)
@@ -93,76 +136,73 @@ def full_neighbourhood(weights: Tensor, offsets: list[tuple[int, int]]) -> tuple
 
 
 @njit(parallel=True, fastmath={"contract"}, cache=True)
-def _stencil_matvec(nbhd, xp, out, h, w, half, alpha, tile_rows):  # pragma: no cover - compiled
-    """``out[:, :C] = xp[:, :C] - alpha * S_hat xp`` with ``xp [H*W, Cp]``, ``Cp >= C``."""
-    r = 2 * half + 1
-    rr = r * r
-    cp = uint64(xp.shape[1])
+def stencil_matvec(nbhd, xp, out, half, lead, alpha, dots):  # pragma: no cover - compiled
+    """``out = X - alpha * S_hat X`` (first ``C`` classes); with ``dots [H, Cp]`` non-empty, also
+    ``dots[y] = sum over row y of X * out`` (float64; needs ``C == Cp``).
+
+    Args:
+        nbhd: ``[H*W, r, R]`` neighbourhood weights (:func:`full_neighbourhood`).
+        xp: ``[H, Ws, Cp]`` padded input, pixel ``(y, x)`` at ``xp[y, lead + x]``, zero elsewhere,
+            ``lead >= half`` and ``Ws >= lead + W + R - half - 1``.
+        out: ``[H*W, C]`` output, ``C <= Cp``.
+    """
+    h = xp.shape[0]
+    ws = xp.shape[1]
+    cp = uint64(xp.shape[2])
     c = uint64(out.shape[1])
+    w = out.shape[0] // max(h, 1)
+    rows = nbhd.shape[1]
+    rw = nbhd.shape[2]
     x1 = xp.ravel()
     o1 = out.ravel()
     w1 = nbhd.ravel()
     al = np.float32(alpha)
-    n_tiles = (h + tile_rows - 1) // tile_rows
-    for t in prange(n_tiles):
+    with_dots = dots.shape[0] > 0
+    for yy in prange(h):
+        y = np.int64(yy)  # prange indices may be unsigned
         acc = np.empty(cp, dtype=np.float32)
-        for y in range(t * tile_rows, min(h, (t + 1) * tile_rows)):
-            ylo = max(-half, -y)
-            yhi = min(half, h - 1 - y)
-            for x in range(w):
-                xlo = max(-half, -x)
-                xhi = min(half, w - 1 - x)
-                p = y * w + x
-                for j in range(cp):
-                    acc[j] = 0.0
-                for dy in range(ylo, yhi + 1):
-                    row = (y + dy) * w + x
-                    wrow = p * rr + (dy + half) * r + half
-                    dx = xlo
-                    while dx + 7 <= xhi:
-                        wo = uint64(wrow + dx)
-                        w0 = w1[wo]
-                        w_1 = w1[wo + uint64(1)]
-                        w_2 = w1[wo + uint64(2)]
-                        w_3 = w1[wo + uint64(3)]
-                        w_4 = w1[wo + uint64(4)]
-                        w_5 = w1[wo + uint64(5)]
-                        w_6 = w1[wo + uint64(6)]
-                        w_7 = w1[wo + uint64(7)]
-                        q0 = uint64(row + dx) * cp
-                        q1 = q0 + cp
-                        q2 = q1 + cp
-                        q3 = q2 + cp
-                        q4 = q3 + cp
-                        q5 = q4 + cp
-                        q6 = q5 + cp
-                        q7 = q6 + cp
-                        for j in range(cp):
-                            lo = w0 * x1[q0 + j] + w_1 * x1[q1 + j] + w_2 * x1[q2 + j] + w_3 * x1[q3 + j]
-                            hi = w_4 * x1[q4 + j] + w_5 * x1[q5 + j] + w_6 * x1[q6 + j] + w_7 * x1[q7 + j]
-                            acc[j] += lo + hi
-                        dx += 8
-                    while dx + 3 <= xhi:
-                        wo = uint64(wrow + dx)
-                        w0 = w1[wo]
-                        w_1 = w1[wo + uint64(1)]
-                        w_2 = w1[wo + uint64(2)]
-                        w_3 = w1[wo + uint64(3)]
-                        q0 = uint64(row + dx) * cp
-                        q1 = q0 + cp
-                        q2 = q1 + cp
-                        q3 = q2 + cp
-                        for j in range(cp):
-                            acc[j] += w0 * x1[q0 + j] + w_1 * x1[q1 + j] + w_2 * x1[q2 + j] + w_3 * x1[q3 + j]
-                        dx += 4
-                    while dx <= xhi:
-                        wv = w1[uint64(wrow + dx)]
-                        q0 = uint64(row + dx) * cp
-                        for j in range(cp):
-                            acc[j] += wv * x1[q0 + j]
-                        dx += 1
-                pi = uint64(p) * cp
-                po = uint64(p) * c
+        ylo = max(-half, -y)
+        yhi = min(half, h - 1 - y)
+        if with_dots:
+            for j in range(cp):
+                dots[y, j] = 0.0
+        for x in range(w):
+            p = y * w + x
+            for j in range(cp):
+                acc[j] = 0.0
+            for dy in range(ylo, yhi + 1):
+                row = (y + dy) * ws + lead + x - half
+                wrow = (p * rows + dy + half) * rw
+                for g in range(0, rw, 8):
+                    wo = uint64(wrow + g)
+                    w0 = w1[wo]
+                    w_1 = w1[wo + uint64(1)]
+                    w_2 = w1[wo + uint64(2)]
+                    w_3 = w1[wo + uint64(3)]
+                    w_4 = w1[wo + uint64(4)]
+                    w_5 = w1[wo + uint64(5)]
+                    w_6 = w1[wo + uint64(6)]
+                    w_7 = w1[wo + uint64(7)]
+                    q0 = uint64(row + g) * cp
+                    q1 = q0 + cp
+                    q2 = q1 + cp
+                    q3 = q2 + cp
+                    q4 = q3 + cp
+                    q5 = q4 + cp
+                    q6 = q5 + cp
+                    q7 = q6 + cp
+                    for j in range(cp):
+                        lo = w0 * x1[q0 + j] + w_1 * x1[q1 + j] + w_2 * x1[q2 + j] + w_3 * x1[q3 + j]
+                        hi = w_4 * x1[q4 + j] + w_5 * x1[q5 + j] + w_6 * x1[q6 + j] + w_7 * x1[q7 + j]
+                        acc[j] += lo + hi
+            pi = uint64(y * ws + lead + x) * cp
+            po = uint64(p) * c
+            if with_dots:
+                for j in range(c):
+                    v = x1[pi + j] - al * acc[j]
+                    o1[po + j] = v
+                    dots[y, j] += np.float64(x1[pi + j] * v)
+            else:
                 for j in range(c):
                     o1[po + j] = x1[pi + j] - al * acc[j]
 
@@ -183,6 +223,7 @@ def numba_stencil_operator(
     _, h, w = weights.shape
     nbhd, half = full_neighbourhood(weights, offsets)
     cache: dict[int, np.ndarray] = {}
+    no_dots = np.zeros((0, 0), dtype=np.float64)
 
     def apply(x: Tensor) -> Tensor:
         if x.ndim != 2 or x.shape[0] != h * w:
@@ -192,19 +233,18 @@ def numba_stencil_operator(
                 f"the numba stencil runs on CPU tensors, got one on {x.device}; use backend='torch'"
             )
         c = x.shape[1]
-        xn = x.detach().to(torch.float32).contiguous().numpy()
-        # Pad few classes to whole SIMD registers; many classes run mostly in the vector body anyway.
-        cp = -(-c // _LANES) * _LANES if c <= _PAD_MAX_CLASSES else c
-        if cp != c:
-            buf = cache.get(cp)
-            if buf is None:
-                cache.clear()
-                buf = cache[cp] = np.zeros((h * w, cp), dtype=np.float32)
-            buf[:, :c] = xn
-            xn = buf
         out = np.empty((h * w, c), dtype=np.float32)
-        if c:
-            _stencil_matvec(nbhd, xn, out, h, w, half, float(alpha), _TILE_ROWS)
+        if c == 0:
+            return torch.from_numpy(out)
+        cp = padded_width(c)
+        lead, ws = row_layout(w, cp, half)
+        buf = cache.get(cp)
+        if buf is None:
+            cache.clear()
+            buf = cache[cp] = np.zeros((h, ws, cp), dtype=np.float32)
+        buf[:, lead : lead + w, :c] = x.detach().to(torch.float32).numpy().reshape(h, w, c)
+        buf[:, lead : lead + w, c:] = 0.0
+        stencil_matvec(nbhd, buf, out, half, lead, float(alpha), no_dots)
         return torch.from_numpy(out)
 
     return apply
