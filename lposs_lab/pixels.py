@@ -192,6 +192,8 @@ def refine_pixels(
     # Each CG column holds about 10 float32 planes (x, r, p, q, b, temporaries, the chunk copies).
     per_class = 10 * 4 * h * w
     chunk = max(1, min(c, max_bytes // max(per_class, 1)))
+    if 8 <= chunk < c:
+        chunk -= chunk % 8  # whole SIMD widths: the numba kernels pad each chunk to a multiple of 8
     out = torch.empty((c, h, w), dtype=torch.float32, device=device)
     for start in range(0, c, chunk):
         out[start : start + chunk] = solve(scores[start : start + chunk].float())

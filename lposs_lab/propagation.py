@@ -170,13 +170,19 @@ def patch_graph(
     deg = torch.zeros(n, device=f.device, dtype=torch.float32).index_add_(0, all_rows, all_vals)
     deg = torch.where(deg == 0, torch.ones_like(deg), deg)
     inv_sqrt = deg.rsqrt()
-    norm_vals = all_vals * inv_sqrt[all_rows] * inv_sqrt[all_cols]
-    coo = torch.sparse_coo_tensor(
-        torch.stack([all_rows, all_cols]), norm_vals, (n, n), check_invariants=False
-    ).coalesce()
+    # Sorted, duplicate-free CSR straight from the (row, col) keys: one sort, mutual neighbours summed
+    # (several times faster than a COO coalesce).
+    keys, order = torch.sort(all_rows * n + all_cols)
+    keys, slot = torch.unique_consecutive(keys, return_inverse=True)
+    summed = torch.zeros(keys.shape[0], device=f.device, dtype=torch.float32)
+    summed.index_add_(0, slot, all_vals[order])
+    rows_u, cols_u = keys // n, keys % n
+    crow = torch.zeros(n + 1, device=f.device, dtype=torch.int64)
+    crow[1:] = torch.bincount(rows_u, minlength=n).cumsum(0)
+    norm_vals = summed * inv_sqrt[rows_u] * inv_sqrt[cols_u]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return coo.to_sparse_csr()
+        return torch.sparse_csr_tensor(crow, cols_u, norm_vals, (n, n), check_invariants=False)
 
 
 def refine_patches(

@@ -72,7 +72,14 @@ def test_zero_score_column_stays_zero():
 
 def test_graph_is_symmetric_normalised_without_diagonal():
     feats, pos, _ = _inputs(n=120)
-    s = patch_graph(feats, pos, k=10).to_dense().numpy()
+    csr = patch_graph(feats, pos, k=10)
+    # A valid CSR: rows in order, columns sorted and unique within each row (mutual neighbours summed).
+    crow, col = csr.crow_indices(), csr.col_indices()
+    for i in range(csr.shape[0]):
+        row = col[crow[i] : crow[i + 1]]
+        assert torch.all(row[1:] > row[:-1])
+    torch.sparse_csr_tensor(crow, col, csr.values(), csr.shape, check_invariants=True)
+    s = csr.to_dense().numpy()
     assert np.allclose(s, s.T, atol=1e-7)
     assert np.all(np.diag(s) == 0)
     # eigenvalues of D^-1/2 W D^-1/2 lie in [-1, 1], the top one is 1
