@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -201,6 +202,50 @@ def test_two_cpu_processes_equal_one(repo_root, voc20, baseline, tmp_path):
     assert float(last["test/mIoU"]) == pytest.approx(base["mIoU"], abs=1e-4)
 
 
+@pytest.mark.parametrize("launcher", ["torchrun", "lightning"])
+def test_ddp_strategy_external_and_relaunch_equal_one(repo_root, voc20, baseline, tmp_path, launcher):
+    """``trainer.strategy=ddp``: every rank runs run.py (started by torchrun, as on SLURM or several nodes,
+    or re-launched by Lightning); rank 0 alone writes results, identical to one process."""
+    _, base, _ = baseline
+    args = [
+        "task=evaluate",
+        "dataset=voc20",
+        f"data_root={voc20}",
+        *TINY,
+        "method=lposs",
+        "metrics.boundary=true",
+        "trainer.strategy=ddp",
+        "trainer.devices=2",  # processes per node, as Lightning expects
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        cmd += [str(repo_root / "run.py"), *args]
+    else:
+        cmd = [sys.executable, str(repo_root / "run.py"), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert out["processes"] == 2
+    for key in SAME:
+        assert out[key] == base[key], key
+    ranks = [json.loads(p.read_text())["rank"] for p in (tmp_path / "run" / "states").glob("*.state.json")]
+    assert sorted(ranks) == [0] * (N // 2) + [1] * (N // 2)
+    assert res.stdout.count("image(s) scored") == 1  # only rank 0 reports
+
+
+def test_launched_processes_need_a_shared_run_dir(repo_root, voc20, tmp_path):
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+    cmd = [sys.executable, str(repo_root / "run.py"), "task=evaluate", "dataset=voc20", f"data_root={voc20}"]
+    cmd += TINY
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert res.returncode == 2
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and "one of 2 launched processes" in err[0] and "hydra.run.dir=DIR" in err[0]
+    assert "Traceback" not in res.stderr
+
+
 def test_killed_run_resumes_to_identical_numbers(repo_root, voc20, baseline, tmp_path):
     _, base, _ = baseline
     args = [
@@ -289,13 +334,13 @@ def test_multirun_with_wandb_offline_and_a_corrupt_image(repo_root, tmp_path):
 
 def test_refusals_are_one_line_user_errors(repo_root, tmp_path, monkeypatch):
     root = make_dataset(tmp_path / "data", "voc20", n_images=2)
-    with pytest.raises(UserError, match="trainer.strategy=ddp is not supported .* ddp_spawn"):
+    with pytest.raises(UserError, match="trainer.strategy=fsdp is not supported .* auto, ddp_spawn"):
         in_process(
             repo_root,
             tmp_path,
             "dataset=voc20",
             f"data_root={root}",
-            "trainer.strategy=ddp",
+            "trainer.strategy=fsdp",
             "trainer.devices=2",
             "method=oracle_patch",
         )

@@ -52,6 +52,27 @@ def _env_rank() -> int:
     return 0
 
 
+def _launched_world_size() -> int:
+    """How many processes an external launcher (torchrun, SLURM, Lightning's ddp) started; 1 if none."""
+    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 1
+
+
+def _shared_dirs_are_explicit() -> bool:
+    """Whether the run folder (or the state folder) was given on the command line, so that every
+    process of a multi-process launch writes its per-image states to the same place."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+    except ValueError:  # not a Hydra app: every path comes from the caller
+        return True
+    given = [o.lstrip("+~").split("=")[0] for o in [*hc.overrides.hydra, *hc.overrides.task]]
+    return "hydra.run.dir" in given or "state_dir" in given
+
+
 def _wandb_has_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
@@ -211,6 +232,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     store = StateStore(Path(str(cfg.get("state_dir") or run_dir / "states")).expanduser())
     resume = bool(cfg.get("resume", False))
+    launched = _launched_world_size()
+    if launched > 1 and not _shared_dirs_are_explicit():
+        raise UserError(
+            f"this is one of {launched} launched processes (WORLD_SIZE/SLURM_NTASKS): pass "
+            "hydra.run.dir=DIR (or state_dir=DIR) on a filesystem all of them share, so they agree on "
+            "where per-image results go"
+        )
     if _env_rank() == 0:  # external launchers (torchrun, SLURM) start every rank in this function
         store.prepare(meta, resume)
     done = store.done_ids() & set(dataset.ids) if resume else set()
@@ -219,10 +247,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
     accelerator, devices = _accelerator(cfg)
     tr = cfg.get("trainer") or {}
     strategy = str(tr.get("strategy", "auto"))
-    if strategy not in ("auto", "ddp_spawn"):
+    if strategy not in ("auto", "ddp_spawn", "ddp"):
         raise UserError(
-            f"trainer.strategy={strategy} is not supported by task=evaluate (Lightning's ddp re-launches "
-            "run.py outside this Hydra run); use trainer.strategy=auto or ddp_spawn with trainer.devices=N"
+            f"trainer.strategy={strategy} is not supported by task=evaluate; valid choices: auto, "
+            "ddp_spawn (one node, workers started from this run), ddp (torchrun, SLURM, or Lightning "
+            "re-launching run.py)"
         )
     if isinstance(devices, int) and 0 < todo < devices:
         print(f"note: {todo} image(s) left, using {todo} process(es) instead of {devices}")
