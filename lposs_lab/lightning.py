@@ -262,8 +262,13 @@ class EvalModule(pl.LightningModule):
             from dataclasses import replace
 
             from .predictor import LPOSS
+            from .tasks.common import text_cache_dir
 
-            self.predictor = LPOSS.from_config(replace(self.lposs, device=str(device)), method=self.method)
+            self.predictor = LPOSS.from_config(
+                replace(self.lposs, device=str(device)),
+                method=self.method,
+                text_cache_dir=text_cache_dir(self.hparams.get("config")),
+            )
             self.predictor.set_classes(self.classes)
             from .cache import configure_cache  # cache.enabled=true: encoder outputs reused across runs
 

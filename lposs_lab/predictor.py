@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -123,6 +125,8 @@ class LPOSS:
         batch_size: windows per encoder forward pass.
         depth_model: depth estimator ``[B, 3, h, w] -> [B, h, w]`` for ``pixel.feature`` depth / lab+depth
             (see :func:`lposs_lab.models.depth.create_depth`).
+        text_cache_dir: folder where the text embeddings of each vocabulary are stored and reused across
+            processes (``None``: kept in memory for this process only).
 
     Attributes:
         feature_cache: optional store with ``fetch(model, image, window, image_id) -> ImageFeatures``
@@ -139,6 +143,7 @@ class LPOSS:
         device: str | torch.device | None = None,
         batch_size: int = 32,
         depth_model: nn.Module | None = None,
+        text_cache_dir: str | os.PathLike | None = None,
     ) -> None:
         self.config = config or LPOSSConfig()
         self.device = resolve_device(device if device is not None else self.config.device)
@@ -165,6 +170,7 @@ class LPOSS:
         self.depth_model = None if depth_model is None else depth_model.to(self.device).eval()
         self.feature_cache: Any = None
         self.batch_size = batch_size
+        self.text_cache_dir = None if text_cache_dir is None else Path(text_cache_dir).expanduser()
         self._classes: list[str] | None = None
         self._text: Tensor | None = None
         self._owner: Tensor | None = None
@@ -175,11 +181,15 @@ class LPOSS:
         config: LPOSSConfig | Mapping[str, Any] | None = None,
         *,
         method: str | None = None,
+        text_cache_dir: str | os.PathLike | None = "auto",
         **overrides: Any,
     ) -> LPOSS:
         """Build the encoders named by ``config`` (weights fetched/cached by huggingface_hub), the predictor.
 
         ``overrides`` replace top-level config fields, e.g. ``LPOSS.from_config(vm="dino_b8")``.
+        ``text_cache_dir="auto"`` keeps the text embeddings of each vocabulary on disk in
+        :func:`lposs_lab.text.default_text_cache_dir` (not for random-init VLMs, which are cheap to encode);
+        a folder uses that one, ``None`` keeps them in memory only.
         """
         from .models import create_vlm, create_vm
 
@@ -200,7 +210,14 @@ class LPOSS:
             from .models.depth import create_depth
 
             depth = create_depth(config.pixel.depth_model, device=device)
-        return cls(vm, vlm, config, method=method, device=device, depth_model=depth)
+        if text_cache_dir == "auto":
+            from .text import default_text_cache_dir
+
+            random_init = "random:" in str(getattr(vlm, "weights_id", "random:"))
+            text_cache_dir = None if random_init else default_text_cache_dir()
+        return cls(
+            vm, vlm, config, method=method, device=device, depth_model=depth, text_cache_dir=text_cache_dir
+        )
 
     # ------------------------------------------------------------------ classes
     def set_classes(self, classes: Sequence[str]) -> None:
@@ -216,7 +233,7 @@ class LPOSS:
             )
         synonyms, owner = split_synonyms(classes)
         with torch.inference_mode():
-            text = text_embeddings(self.vlm, synonyms)
+            text = text_embeddings(self.vlm, synonyms, cache_dir=self.text_cache_dir)
         self._classes = [c.split(";")[0].strip() for c in classes]
         self._text = text.to(self.device, torch.float32)
         self._owner = torch.as_tensor(owner, device=self.device, dtype=torch.long)
@@ -234,7 +251,7 @@ class LPOSS:
         win = window or self.config.window
         rgb = to_rgb_uint8(image)
         resized = resize_image(rgb, win.short_side, win.long_side)
-        img = torch.from_numpy(resized).to(self.device).permute(2, 0, 1).float() / 255.0
+        img = torch.from_numpy(resized).to(self.device).permute(2, 0, 1).contiguous().float() / 255.0
         windows = window_grid(img.shape[1], img.shape[2], win.size, win.stride)
         crops = crop_windows(img, windows)
         vm_feats, vlm_feats = [], []

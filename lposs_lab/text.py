@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -20,7 +21,20 @@ from torch import Tensor
 
 from .image_io import atomic_write
 
-__all__ = ["IMAGENET_TEMPLATES", "split_synonyms", "TextEmbedder", "text_embeddings", "TextEncoder"]
+__all__ = [
+    "IMAGENET_TEMPLATES",
+    "split_synonyms",
+    "TextEmbedder",
+    "text_embeddings",
+    "TextEncoder",
+    "default_text_cache_dir",
+]
+
+
+def default_text_cache_dir() -> Path:
+    """``$LPOSS_TEXT_CACHE_DIR`` or ``~/.cache/lposs_lab/text``: where predictors keep text embeddings."""
+    env = os.environ.get("LPOSS_TEXT_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lposs_lab" / "text"
 
 
 def _load_templates() -> tuple[str, ...]:

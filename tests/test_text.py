@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lposs_lab.config import PixelConfig
 from lposs_lab.models import create_vlm
 from lposs_lab.text import IMAGENET_TEMPLATES, TextEmbedder, split_synonyms, text_embeddings
 
@@ -121,3 +122,42 @@ def test_bad_inputs_rejected(vlm) -> None:
         embedder(vlm, ["cat", " "])
     with pytest.raises(ValueError, match="placeholder"):
         embedder(vlm, ["cat"], ["a photo"])
+
+
+def test_predictor_keeps_each_vocabulary_on_disk(vlm, monkeypatch, tmp_path) -> None:
+    from model_fixtures import save_safetensors
+
+    from lposs_lab import LPOSS, LPOSSConfig
+    from lposs_lab.models import create_vm
+    from lposs_lab.models.tiny import TINY_CLIP_ARCH
+    from lposs_lab.text import default_text_cache_dir
+
+    vm = create_vm("tiny_random")
+    model = LPOSS(vm, vlm, LPOSSConfig(device="cpu"), text_cache_dir=tmp_path / "text")
+    model.set_classes(["cat", "dog;puppy"])
+    files = list((tmp_path / "text").glob("text_*.pt"))
+    assert len(files) == 1
+    blob = torch.load(files[0], weights_only=True)
+    assert blob["synonyms"] == ["cat", "dog", "puppy"] and blob["weights_id"] == vlm.weights_id
+    torch.testing.assert_close(blob["embeddings"][2], _direct(vlm, "puppy", IMAGENET_TEMPLATES))
+    model.set_classes(["sky"])  # another vocabulary, another file
+    assert len(list((tmp_path / "text").glob("text_*.pt"))) == 2
+
+    # from_config: "auto" caches on disk for real weights only (random-init VLMs are cheap to encode)
+    monkeypatch.setenv("LPOSS_TEXT_CACHE_DIR", str(tmp_path / "auto"))
+    assert default_text_cache_dir() == tmp_path / "auto"
+    cfg = LPOSSConfig(vm="tiny_random", vlm="tiny_random", device="cpu", pixel=PixelConfig(enabled=False))
+    assert LPOSS.from_config(cfg).text_cache_dir is None
+    ckpt = save_safetensors(vlm.model, tmp_path / "clip.safetensors")
+    from lposs_lab.models import registry
+
+    monkeypatch.setitem(
+        registry.VLM_MODELS,
+        "tiny_file",
+        registry.OpenClipVLM("tiny_file", "ViT-B-16", None, base_arch=TINY_CLIP_ARCH),
+    )
+    loaded = LPOSS.from_config(cfg.replace(vlm="tiny_file", vlm_pretrained=str(ckpt)))
+    assert loaded.text_cache_dir == tmp_path / "auto"
+    loaded.set_classes(["cat"])
+    assert len(list((tmp_path / "auto").glob("text_*.pt"))) == 1
+    assert LPOSS.from_config(cfg, text_cache_dir=None).text_cache_dir is None

@@ -9,7 +9,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from ..config import LPConfig, LPOSSConfig, PixelConfig, WindowConfig
 from ..predictor import LPOSS
 
-__all__ = ["lposs_config", "method_name", "build_predictor", "parse_classes"]
+__all__ = ["lposs_config", "method_name", "build_predictor", "parse_classes", "text_cache_dir"]
 
 
 def _section(cfg: DictConfig, key: str, kind: type) -> Any:
@@ -53,7 +53,13 @@ def method_name(cfg: DictConfig, config: LPOSSConfig) -> str:
 def build_predictor(cfg: DictConfig) -> LPOSS:
     """The predictor a resolved run config describes (encoders built, weights fetched or cached)."""
     config = lposs_config(cfg)
-    return LPOSS.from_config(config, method=method_name(cfg, config))
+    return LPOSS.from_config(config, method=method_name(cfg, config), text_cache_dir=text_cache_dir(cfg))
+
+
+def text_cache_dir(cfg: Any) -> str | None:
+    """``text_cache_dir`` of a run config: ``"auto"`` (default), a folder, or ``None`` (memory only)."""
+    value = cfg.get("text_cache_dir", "auto") if cfg is not None else "auto"
+    return None if value in (None, "", "none", "null") else str(value)
 
 
 def parse_classes(value: Any) -> list[str]:
