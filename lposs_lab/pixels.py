@@ -8,6 +8,8 @@ a product with ``S_hat`` needs no general sparse matrix and no per-class work.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -39,10 +41,13 @@ def rgb_to_lab(image: Tensor) -> Tensor:
         raise ValueError(f"image must be [3, H, W], got {tuple(image.shape)}")
     rgb = image.float()
     lin = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055).pow(2.4), rgb / 12.92)
-    m = torch.tensor(_XYZ_FROM_RGB, dtype=torch.float32, device=rgb.device)
-    xyz = torch.einsum("ij,jhw->ihw", m, lin)
-    white = torch.tensor(_D65_WHITE, dtype=torch.float32, device=rgb.device)[:, None, None]
-    t = xyz / white
+    # Python-scalar constants: no host-to-device copy (and no wait for the device) on accelerators.
+    t = torch.stack(
+        [
+            (row[0] * lin[0] + row[1] * lin[1] + row[2] * lin[2]) / white
+            for row, white in zip(_XYZ_FROM_RGB, _D65_WHITE, strict=True)
+        ]
+    )
     f = torch.where(t > 0.008856, t.clamp(min=0).pow(1.0 / 3.0), 7.787 * t + 16.0 / 116.0)
     fx, fy, fz = f[0], f[1], f[2]
     lightness = 116.0 * fy - 16.0
@@ -51,8 +56,8 @@ def rgb_to_lab(image: Tensor) -> Tensor:
 
 def lab_features(image: Tensor) -> Tensor:
     """The pixel feature of SPEC §4: Lab divided by ``(100, 128, 128)``. ``[3, H, W] -> [3, H, W]``."""
-    scale = torch.tensor(LAB_SCALE, dtype=torch.float32, device=image.device)[:, None, None]
-    return rgb_to_lab(image) / scale
+    lab = rgb_to_lab(image)
+    return torch.stack([lab[i] / LAB_SCALE[i] for i in range(3)])
 
 
 def stencil_offsets(r: int) -> list[tuple[int, int]]:
@@ -114,7 +119,7 @@ def pixel_graph(
         diff = feats[:, src[0], src[1]] - feats[:, dst[0], dst[1]]
         wgt = torch.exp(-diff.pow(2).sum(0).sqrt() / tau)
         if spatial == "rbf":
-            wgt = wgt * torch.exp(torch.tensor(-(dy * dy + dx * dx) / sigma_s**2, device=feats.device))
+            wgt = wgt * math.exp(-(dy * dy + dx * dx) / sigma_s**2)
         weights[n][src] = wgt
         deg[src] += wgt
         deg[dst] += wgt

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["conjugate_gradient", "knn_inner_product", "patch_graph", "refine_patches"]
+__all__ = ["conjugate_gradient", "knn_inner_product", "patch_graph", "patch_operator", "refine_patches"]
 
 APPEARANCE_KERNELS = ("power", "exp")
 SPATIAL_KERNELS = ("rbf", "linear", "none")
@@ -109,6 +109,78 @@ def _check_kernel(name: str, value: str, valid: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {name} kernel {value!r}; valid choices: {', '.join(valid)}")
 
 
+def _normalised_knn(
+    features: Tensor,
+    positions: Tensor,
+    *,
+    k: int,
+    gamma: float,
+    sigma: float,
+    dist_pow: float,
+    appearance: str,
+    sigma_a: float,
+    spatial: str,
+) -> tuple[Tensor, Tensor]:
+    """``A = D^-1/2 S D^-1/2`` in ELL form: ``(index [N, k], value [N, k])``, ``S_hat = A + A^T``.
+
+    Row ``i`` holds node ``i``'s kNN edges (its own entry, the diagonal, weighted 0); ``d`` are the
+    degrees of ``W = S + S^T`` (row plus column sums of ``S``), zeros counted as 1. Fixed shapes
+    throughout: nothing here waits for the device.
+    """
+    _check_kernel("appearance", appearance, APPEARANCE_KERNELS)
+    _check_kernel("spatial", spatial, SPATIAL_KERNELS)
+    if features.ndim != 2 or positions.ndim != 2 or positions.shape[1] != 2:
+        raise ValueError(
+            f"expected features [N, D] and positions [N, 2], got {tuple(features.shape)} and "
+            f"{tuple(positions.shape)}"
+        )
+    if features.shape[0] != positions.shape[0]:
+        raise ValueError(f"features have {features.shape[0]} rows but positions {positions.shape[0]}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    f = torch.nn.functional.normalize(features.float(), dim=1)
+    pos = positions.to(device=f.device, dtype=torch.float32)
+    sim, idx = knn_inner_product(f, k)
+    if appearance == "power":
+        w = sim.clamp(min=0).pow(gamma)
+    else:
+        w = torch.exp(-(1.0 - sim) / sigma_a)
+    if spatial != "none":
+        dist = (pos[:, None, :] - pos[idx]).norm(dim=-1)
+        if spatial == "rbf":
+            w = w * torch.exp(-sigma * dist.pow(dist_pow))
+        else:
+            w = w * (1.0 - sigma * dist).clamp(min=0)
+    own = torch.arange(f.shape[0], device=f.device)[:, None]
+    w = torch.where(idx == own, torch.zeros_like(w), w)  # W's diagonal is zeroed
+    deg = w.sum(1).index_add_(0, idx.reshape(-1), w.reshape(-1))
+    deg = torch.where(deg == 0, torch.ones_like(deg), deg)
+    inv_sqrt = deg.rsqrt()
+    return idx, inv_sqrt[:, None] * w * inv_sqrt[idx]
+
+
+def _csr(crow: Tensor, col: Tensor, val: Tensor, n: int) -> Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, col, val, (n, n), check_invariants=False)
+
+
+def _csr_halves(idx: Tensor, val: Tensor) -> tuple[Tensor, Tensor]:
+    """``A`` and ``A^T`` of :func:`_normalised_knn` as valid CSR matrices (sorted, distinct columns)."""
+    n, k = idx.shape
+    col, order = idx.sort(dim=1)
+    forward = _csr(
+        torch.arange(0, n * k + 1, k, device=idx.device), col.reshape(-1), val.gather(1, order).reshape(-1), n
+    )
+    # A^T: the same entries keyed by (column, row); one sort orders rows and the columns within them.
+    own = torch.arange(n, device=idx.device)[:, None].expand(n, k).reshape(-1)
+    keys, order = torch.sort(idx.reshape(-1) * n + own)
+    rows = keys // n
+    crow = torch.searchsorted(rows, torch.arange(n + 1, device=idx.device))
+    backward = _csr(crow, keys % n, val.reshape(-1)[order], n)
+    return forward, backward
+
+
 def patch_graph(
     features: Tensor,
     positions: Tensor,
@@ -128,61 +200,56 @@ def patch_graph(
     ``exp(-(1 - s) / sigma_a)`` (``"exp"``) and ``b`` is ``exp(-sigma d^dist_pow)`` (``"rbf"``),
     ``max(1 - sigma d, 0)`` (``"linear"``) or 1 (``"none"``). Degrees of 0 become 1.
 
+    This merges mutual neighbours into one entry, which needs the number of distinct edges on the
+    host; :func:`refine_patches` uses :func:`patch_operator` instead, which never waits for the device.
+
     Args:
         features: ``[N, D]``, L2-normalised here.
         positions: ``[N, 2]`` patch centres in pixels.
 
     Returns:
-        Sparse CSR ``[N, N]`` float32 tensor on the features' device.
+        Sparse CSR ``[N, N]`` float32 tensor on the features' device, columns sorted and distinct per row.
     """
-    _check_kernel("appearance", appearance, APPEARANCE_KERNELS)
-    _check_kernel("spatial", spatial, SPATIAL_KERNELS)
-    if features.ndim != 2 or positions.ndim != 2 or positions.shape[1] != 2:
-        raise ValueError(
-            f"expected features [N, D] and positions [N, 2], got {tuple(features.shape)} and "
-            f"{tuple(positions.shape)}"
-        )
-    if features.shape[0] != positions.shape[0]:
-        raise ValueError(f"features have {features.shape[0]} rows but positions {positions.shape[0]}")
-    n = features.shape[0]
-    f = torch.nn.functional.normalize(features.float(), dim=1)
-    pos = positions.to(device=f.device, dtype=torch.float32)
-    sim, idx = knn_inner_product(f, k)
-    if appearance == "power":
-        w = sim.clamp(min=0).pow(gamma)
-    else:
-        w = torch.exp(-(1.0 - sim) / sigma_a)
-    if spatial != "none":
-        dist = (pos[:, None, :] - pos[idx]).norm(dim=-1)
-        if spatial == "rbf":
-            w = w * torch.exp(-sigma * dist.pow(dist_pow))
-        else:
-            w = w * (1.0 - sigma * dist).clamp(min=0)
-    rows = torch.arange(n, device=f.device).repeat_interleave(idx.shape[1])
-    cols = idx.reshape(-1)
-    vals = w.reshape(-1)
-    keep = rows != cols
-    rows, cols, vals = rows[keep], cols[keep], vals[keep]
-    # W = S + S^T: every kNN edge is added in both directions.
-    all_rows = torch.cat([rows, cols])
-    all_cols = torch.cat([cols, rows])
-    all_vals = torch.cat([vals, vals])
-    deg = torch.zeros(n, device=f.device, dtype=torch.float32).index_add_(0, all_rows, all_vals)
-    deg = torch.where(deg == 0, torch.ones_like(deg), deg)
-    inv_sqrt = deg.rsqrt()
-    # Sorted, duplicate-free CSR straight from the (row, col) keys: one sort, mutual neighbours summed
-    # (several times faster than a COO coalesce).
-    keys, order = torch.sort(all_rows * n + all_cols)
+    kernel = dict(k=k, gamma=gamma, sigma=sigma, dist_pow=dist_pow, appearance=appearance, sigma_a=sigma_a)
+    idx, val = _normalised_knn(features, positions, spatial=spatial, **kernel)
+    n = idx.shape[0]
+    own = torch.arange(n, device=idx.device)[:, None].expand(idx.shape).reshape(-1)
+    keep = own != idx.reshape(-1)
+    rows, cols, vals = own[keep], idx.reshape(-1)[keep], val.reshape(-1)[keep]
+    keys, order = torch.sort(torch.cat([rows * n + cols, cols * n + rows]))
     keys, slot = torch.unique_consecutive(keys, return_inverse=True)
-    summed = torch.zeros(keys.shape[0], device=f.device, dtype=torch.float32)
-    summed.index_add_(0, slot, all_vals[order])
-    rows_u, cols_u = keys // n, keys % n
-    crow = torch.zeros(n + 1, device=f.device, dtype=torch.int64)
-    crow[1:] = torch.bincount(rows_u, minlength=n).cumsum(0)
-    norm_vals = summed * inv_sqrt[rows_u] * inv_sqrt[cols_u]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, cols_u, norm_vals, (n, n), check_invariants=False)
+    summed = torch.zeros(keys.shape[0], device=idx.device, dtype=torch.float32)
+    summed.index_add_(0, slot, torch.cat([vals, vals])[order])
+    crow = torch.searchsorted(keys // n, torch.arange(n + 1, device=idx.device))
+    return _csr(crow, keys % n, summed, n)
+
+
+def patch_operator(
+    features: Tensor,
+    positions: Tensor,
+    *,
+    k: int = 400,
+    gamma: float = 3.0,
+    sigma: float = 0.01,
+    dist_pow: float = 1.0,
+    appearance: str = "power",
+    sigma_a: float = 0.1,
+    spatial: str = "rbf",
+) -> Callable[[Tensor], Tensor]:
+    """``X [N, C] -> S_hat X`` for the graph of :func:`patch_graph` (same arguments).
+
+    ``S_hat = A + A^T`` is applied as two sparse products with the fixed-size kNN matrix ``A`` and its
+    transpose, so building and applying it never needs a host-device synchronisation (the merged graph's
+    size depends on the data), and it is faster to build on the CPU too.
+    """
+    kernel = dict(k=k, gamma=gamma, sigma=sigma, dist_pow=dist_pow, appearance=appearance, sigma_a=sigma_a)
+    idx, val = _normalised_knn(features, positions, spatial=spatial, **kernel)
+    forward, backward = _csr_halves(idx, val)
+
+    def apply(x: Tensor) -> Tensor:
+        return torch.addmm(forward @ x, backward, x)
+
+    return apply
 
 
 def refine_patches(
@@ -204,7 +271,8 @@ def refine_patches(
     """LPOSS: propagate per-patch class scores over the kNN patch graph (SPEC §3).
 
     Solves ``(I - alpha S_hat) X = Y`` for all classes at once by ``max_iter`` steps of
-    conjugate gradient from zero (see :func:`patch_graph` for ``S_hat`` and the kernels).
+    conjugate gradient from zero (see :func:`patch_graph` for ``S_hat`` and the kernels, and
+    :func:`patch_operator` for how it is applied).
 
     Args:
         features: ``[N, D]`` graph features (DINO), L2-normalised inside.
@@ -220,9 +288,7 @@ def refine_patches(
         )
     if not 0 <= alpha < 1:
         raise ValueError(f"alpha must be in [0, 1), got {alpha}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    s_hat = patch_graph(
+    s_hat = patch_operator(
         features.to(scores.device),
         positions.to(scores.device),
         k=k,
@@ -236,6 +302,6 @@ def refine_patches(
     y = scores.float()
 
     def matvec(x: Tensor) -> Tensor:
-        return x - alpha * (s_hat @ x)
+        return x - alpha * s_hat(x)
 
     return conjugate_gradient(matvec, y, max_iter=max_iter, tol=tol)

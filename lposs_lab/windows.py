@@ -98,7 +98,8 @@ def patch_positions(windows: list[Window], grid: tuple[int, int], patch: int, de
     cols = torch.arange(gw, device=device, dtype=torch.float32) * patch + patch / 2
     yy, xx = torch.meshgrid(rows, cols, indexing="ij")
     local = torch.stack([yy.reshape(-1), xx.reshape(-1)], dim=1)
-    origin = torch.tensor([[w.y1, w.x1] for w in windows], device=device, dtype=torch.float32)
+    origin = torch.tensor([[w.y1, w.x1] for w in windows], dtype=torch.float32)
+    origin = origin.to(rows.device, non_blocking=True)  # staged: no wait for the device's queued work
     return (origin[:, None, :] + local[None]).reshape(-1, 2)
 
 

@@ -94,7 +94,16 @@ def test_bad_shapes_raise():
 def test_refine_pixels_cuda_matches_reference():
     img = _image(33, 47)
     scores = torch.randn(5, 33, 47)
-    out = refine_pixels(img.cuda(), scores.cuda())
+    img_gpu, scores_gpu = img.cuda(), scores.cuda()
+    refine_pixels(img_gpu, scores_gpu)  # compiles the kernel (Triton may wait for the device then)
+    for spatial in ("binary", "rbf"):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # the propagation never waits for the device
+        try:
+            out = refine_pixels(img_gpu, scores_gpu, spatial=spatial)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    out = refine_pixels(img_gpu, scores_gpu)
     assert out.device.type == "cuda"
     assert rel_err(out.cpu(), ref_refine_pixels(img.numpy(), scores.numpy())) <= 1e-4
     assert np.isfinite(out.cpu().numpy()).all()

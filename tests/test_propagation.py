@@ -6,6 +6,7 @@ from conftest import cuda
 from reference import ref_refine_patches, rel_err
 
 from lposs_lab import conjugate_gradient, knn_inner_product, patch_graph, refine_patches
+from lposs_lab.propagation import patch_operator
 
 
 def _inputs(n=300, d=32, c=6, seed=0):
@@ -87,6 +88,19 @@ def test_graph_is_symmetric_normalised_without_diagonal():
     assert eig.max() == pytest.approx(1.0, abs=1e-5) and eig.min() >= -1 - 1e-5
 
 
+@pytest.mark.parametrize(("n", "k"), [(120, 10), (40, 400), (1, 5)])
+def test_operator_applies_the_merged_graph(n, k):
+    # refine_patches applies S_hat = A + A^T as two fixed-size sparse products (no device waits)
+    feats, pos, scores = _inputs(n=n)
+    op = patch_operator(feats, pos, k=k, spatial="linear", sigma=0.003)
+    csr = patch_graph(feats, pos, k=k, spatial="linear", sigma=0.003)
+    out = op(scores)
+    assert out.shape == scores.shape and out.dtype == torch.float32
+    assert torch.allclose(out, csr @ scores, rtol=1e-5, atol=1e-6)
+    if n > 1:
+        assert torch.count_nonzero(out) > 0
+
+
 def test_knn_includes_self_and_is_chunked_exactly():
     feats, _, _ = _inputs(n=257)
     f = torch.nn.functional.normalize(feats, dim=1)
@@ -131,6 +145,12 @@ def test_bad_shapes_and_kernels_raise_clear_errors():
 def test_refine_patches_cuda_matches_cpu():
     feats, pos, scores = _inputs(n=500)
     cpu = refine_patches(feats, pos, scores)
-    gpu = refine_patches(feats.cuda(), pos.cuda(), scores.cuda())
+    feats, pos, scores = feats.cuda(), pos.cuda(), scores.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # the propagation never waits for the device
+    try:
+        gpu = refine_patches(feats, pos, scores)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     assert gpu.device.type == "cuda"
     assert rel_err(gpu.cpu(), cpu) <= 1e-4

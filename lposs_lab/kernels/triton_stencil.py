@@ -47,12 +47,9 @@ def full_planes(weights: Tensor, offsets: list[tuple[int, int]]) -> tuple[Tensor
         planes[k + n][dst] = weights[n][src].float()
     dys = [o[0] for o in offsets] + [-o[0] for o in offsets]
     dxs = [o[1] for o in offsets] + [-o[1] for o in offsets]
-    dev = weights.device
-    return (
-        planes.reshape(2 * k, h * w),
-        torch.tensor(dys, dtype=torch.int32, device=dev),
-        torch.tensor(dxs, dtype=torch.int32, device=dev),
-    )
+    # non_blocking: the offsets are staged without waiting for the work already queued on the device
+    steps = torch.tensor([dys, dxs], dtype=torch.int32).to(weights.device, non_blocking=True)
+    return planes.reshape(2 * k, h * w), steps[0], steps[1]
 
 
 @lru_cache(maxsize=1)
