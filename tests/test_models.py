@@ -276,7 +276,7 @@ def test_missing_weights_offline_raise_one_line(monkeypatch, tmp_path, kind, nam
     msg = str(info.value)
     assert "\n" not in msg
     assert f"'{name}'" in msg and repo in msg and file in msg and "HF_HUB_OFFLINE" in msg
-    assert "$HF_HOME" in msg and f"{kind}_pretrained=/path/to/{file}" in msg
+    assert "$HF_HOME" in msg and f"{kind}.pretrained=/path/to/{file}" in msg and f"{kind}_pretrained=" in msg
     assert isinstance(info.value, RuntimeError)
 
 

@@ -125,7 +125,8 @@ def _fetch_hub(
     raise WeightsUnavailableError(
         f"weights for {kind} '{who}' unavailable: {repo_id} ({files}) is not cached in {where} and cannot "
         f"be downloaded ({reason}); run once with network access to cache it in $HF_HOME, "
-        f"or pass {kind}_pretrained=/path/to/{filenames[0]}"
+        f"or pass a local file: {kind}.pretrained=/path/to/{filenames[0]} on the command line "
+        f"({kind}_pretrained= in LPOSSConfig)"
     )
 
 
