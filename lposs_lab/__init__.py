@@ -11,7 +11,7 @@ from .config import LPConfig, LPOSSConfig, PixelConfig, WindowConfig
 from .image_io import ImageError, load_image, to_rgb_uint8
 from .pixels import lab_features, pixel_graph, refine_pixels, rgb_to_lab
 from .predictor import LPOSS, ImageFeatures, Prediction
-from .propagation import conjugate_gradient, knn_inner_product, patch_graph, refine_patches
+from .propagation import conjugate_gradient, knn_inner_product, patch_graph, patch_operator, refine_patches
 
 __version__ = "0.1.0"
 
@@ -26,6 +26,7 @@ __all__ = [
     "refine_patches",
     "refine_pixels",
     "patch_graph",
+    "patch_operator",
     "pixel_graph",
     "conjugate_gradient",
     "knn_inner_product",
