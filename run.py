@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
-    from lposs_lab.tasks import run_task
+    from lposs_lab.lab.tasks import run_task
 
     return run_task(cfg)
 

@@ -34,9 +34,9 @@ def main() -> None:
     import torch
     from synthetic_data import make_dataset
 
-    from lposs_lab.cache import attach_feature_cache
+    from lposs_lab.lab.cache import attach_feature_cache
     from lposs_lab.config import LPConfig, LPOSSConfig, WindowConfig
-    from lposs_lab.data import SegmentationDataset
+    from lposs_lab.lab.data import SegmentationDataset
     from lposs_lab.models import create_vlm, create_vm
     from lposs_lab.predictor import LPOSS
 

@@ -10,7 +10,30 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-__all__ = ["LPConfig", "PixelConfig", "WindowConfig", "LPOSSConfig"]
+from .errors import ConfigError
+
+__all__ = ["LPConfig", "PixelConfig", "WindowConfig", "LPOSSConfig", "ENCODER_DTYPES"]
+
+#: ``LPOSSConfig.encoder_dtype`` choices.
+ENCODER_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _check(section: str, name: str, value: Any, ok: bool, valid: str) -> None:
+    if not ok:
+        key = f"{section}.{name}" if section else name
+        raise ConfigError(f"{key}={value!r} is out of range; valid: {valid}")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _choice(section: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    _check(section, name, value, value in choices, " | ".join(choices))
 
 
 @dataclass(frozen=True)
@@ -42,6 +65,27 @@ class LPConfig:
     sigma_a: float = 0.1
     spatial: str = "rbf"
     graph_features: str = "vm"
+
+    def __post_init__(self) -> None:
+        n = "lp"
+        _check(n, "k", self.k, _integer(self.k) and self.k >= 1, "an integer >= 1")
+        for name in ("gamma", "sigma", "tol"):
+            value = getattr(self, name)
+            _check(n, name, value, _number(value) and value >= 0, "a number >= 0")
+        for name in ("dist_pow", "sigma_a"):
+            value = getattr(self, name)
+            _check(n, name, value, _number(value) and value > 0, "a number > 0")
+        _check(n, "alpha", self.alpha, _number(self.alpha) and 0 <= self.alpha < 1, "0 <= alpha < 1")
+        _check(
+            n, "max_iter", self.max_iter, _integer(self.max_iter) and self.max_iter >= 1, "an integer >= 1"
+        )
+        _choice(n, "appearance", self.appearance, ("power", "exp"))
+        _choice(n, "spatial", self.spatial, ("rbf", "linear", "none"))
+        _choice(n, "graph_features", self.graph_features, ("vm", "vlm"))
+
+    def kernel_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`lposs_lab.refine_patches` (everything but ``graph_features``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "graph_features"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +120,24 @@ class PixelConfig:
     backend: str = "auto"
     max_bytes: int = 1 << 29
 
+    def __post_init__(self) -> None:
+        n = "pixel"
+        _check(n, "r", self.r, _integer(self.r) and self.r >= 1 and self.r % 2 == 1, "an odd integer >= 1")
+        for name in ("tau", "sigma_s"):
+            value = getattr(self, name)
+            _check(n, name, value, _number(value) and value > 0, "a number > 0")
+        for name in ("tol", "depth_weight"):
+            value = getattr(self, name)
+            _check(n, name, value, _number(value) and value >= 0, "a number >= 0")
+        _check(n, "alpha", self.alpha, _number(self.alpha) and 0 <= self.alpha < 1, "0 <= alpha < 1")
+        _check(
+            n, "max_iter", self.max_iter, _integer(self.max_iter) and self.max_iter >= 1, "an integer >= 1"
+        )
+        _check(n, "max_bytes", self.max_bytes, _integer(self.max_bytes) and self.max_bytes >= 1, "bytes >= 1")
+        _choice(n, "spatial", self.spatial, ("binary", "rbf"))
+        _choice(n, "feature", self.feature, ("lab", "depth", "lab+depth"))
+        _choice(n, "backend", self.backend, ("auto", "torch", "numba", "triton"))
+
 
 @dataclass(frozen=True)
 class WindowConfig:
@@ -98,8 +160,26 @@ class WindowConfig:
     ensemble: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
+        n = "window"
+        for name in ("size", "stride", "short_side", "long_side"):
+            value = getattr(self, name)
+            low = 0 if name == "size" else 1
+            _check(n, name, value, _integer(value) and value >= low, f"an integer >= {low}")
+        _check(
+            n,
+            "long_side",
+            self.long_side,
+            self.long_side >= self.short_side,
+            f">= short_side ({self.short_side})",
+        )
+        pairs = tuple(tuple(e) for e in self.ensemble)
+        _check(
+            n, "ensemble", self.ensemble, all(len(e) == 2 for e in pairs), "a list of [size, stride] pairs"
+        )
         # Hydra hands lists over; keep the dataclass hashable and comparable.
-        object.__setattr__(self, "ensemble", tuple(tuple(int(v) for v in e) for e in self.ensemble))
+        object.__setattr__(self, "ensemble", tuple(tuple(int(v) for v in e) for e in pairs))
+        for size, stride in self.ensemble:
+            _check(n, "ensemble", [size, stride], size >= 1 and stride >= 1, "sizes and strides >= 1")
 
 
 @dataclass(frozen=True)
@@ -129,18 +209,27 @@ class LPOSSConfig:
     device: str = "auto"
     encoder_dtype: str = "float32"
 
+    def __post_init__(self) -> None:
+        _choice("", "encoder_dtype", self.encoder_dtype, ENCODER_DTYPES)
+        dev = str(self.device)
+        kind, _, index = dev.partition(":")
+        valid_device = dev == "auto" or (
+            kind in ("cpu", "cuda", "mps", "xpu") and (not index or index.isdigit())
+        )
+        _check("", "device", self.device, valid_device, "auto | cpu | cuda | cuda:N")
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LPOSSConfig:
         """Build from a plain (possibly nested) mapping, e.g. a resolved Hydra config.
 
-        Unknown keys raise ``ValueError`` naming the key and the valid ones.
+        Unknown keys raise :class:`lposs_lab.errors.ConfigError` naming the key and the valid ones.
         """
         nested = {"lp": LPConfig, "pixel": PixelConfig, "window": WindowConfig}
         kwargs: dict[str, Any] = {}
         valid = {f.name for f in fields(cls)}
         for key, value in d.items():
             if key not in valid:
-                raise ValueError(f"unknown LPOSS config key {key!r}; valid keys: {sorted(valid)}")
+                raise ConfigError(f"unknown LPOSS config key {key!r}; valid keys: {sorted(valid)}")
             if key in nested and not isinstance(value, nested[key]):
                 kwargs[key] = _sub(nested[key], value, key)
             else:
@@ -157,5 +246,5 @@ def _sub(kind: type, value: Mapping[str, Any] | None, name: str):
     valid = {f.name for f in fields(kind)}
     unknown = sorted(set(value) - valid)
     if unknown:
-        raise ValueError(f"unknown {name} config key(s) {unknown}; valid keys: {sorted(valid)}")
+        raise ConfigError(f"unknown {name} option(s) {unknown}; valid keys: {sorted(valid)}")
     return kind(**value)

@@ -1,4 +1,4 @@
-"""Decoding any image input to 8-bit RGB, and atomic writes of output files.
+"""Decoding any image input to 8-bit RGB.
 
 Everything a user may hand in (a path, a PIL image in any mode, a numpy array, a tensor) becomes an
 ``[H, W, 3]`` uint8 numpy array, or raises :class:`ImageError` with a one-line message.
@@ -6,10 +6,7 @@ Everything a user may hand in (a path, a PIL image in any mode, a numpy array, a
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +14,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageError", "load_image", "to_rgb_uint8", "atomic_write"]
+from .errors import ImageError
 
-
-class ImageError(ValueError):
-    """An input image that cannot be used; the message is one line naming the problem."""
+__all__ = ["ImageError", "load_image", "to_rgb_uint8"]
 
 
 def _pil_to_rgb(img: Image.Image) -> np.ndarray:
@@ -128,22 +123,3 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ImageError(f"image is empty: {p}")
     return arr
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
-    """Open a temporary file beside ``path``; rename it onto ``path`` only if the block succeeds."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, mode) as fh:
-            yield fh
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

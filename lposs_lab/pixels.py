@@ -14,9 +14,21 @@ import torch
 from torch import Tensor
 
 from .kernels import resolve_backend, stencil_operator
+from .kernels.geometry import pair_slices
 from .propagation import conjugate_gradient
 
-__all__ = ["rgb_to_lab", "stencil_offsets", "pixel_graph", "refine_pixels", "lab_features"]
+__all__ = [
+    "PIXEL_FEATURES",
+    "rgb_to_lab",
+    "stencil_offsets",
+    "pixel_graph",
+    "refine_pixels",
+    "lab_features",
+    "pixel_features",
+]
+
+#: Pixel-stage feature choices (``PixelConfig.feature``).
+PIXEL_FEATURES = ("lab", "depth", "lab+depth")
 
 # sRGB (D65) -> CIE XYZ, and the D65 reference white (the constants of scikit-image's rgb2lab).
 _XYZ_FROM_RGB = (
@@ -68,13 +80,6 @@ def stencil_offsets(r: int) -> list[tuple[int, int]]:
     return [(dy, dx) for dy in range(0, h + 1) for dx in range(-h, h + 1) if dy > 0 or dx > 0]
 
 
-def _pair_slices(h: int, w: int, dy: int, dx: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
-    """Slices (of pixel i, of neighbour j = i + (dy, dx)) over the pixels whose neighbour is inside."""
-    src = (slice(0, h - dy), slice(max(0, -dx), w - max(0, dx)))
-    dst = (slice(dy, h), slice(max(0, dx), w + min(0, dx)))
-    return src, dst
-
-
 def _check_graph_args(r: int, tau: float, spatial: str) -> None:
     stencil_offsets(r)
     if spatial not in ("binary", "rbf"):
@@ -115,7 +120,7 @@ def pixel_graph(
     for n, (dy, dx) in enumerate(offsets):
         if dy >= h or abs(dx) >= w:
             continue
-        src, dst = _pair_slices(h, w, dy, dx)
+        src, dst = pair_slices(h, w, dy, dx)
         diff = feats[:, src[0], src[1]] - feats[:, dst[0], dst[1]]
         wgt = torch.exp(-diff.pow(2).sum(0).sqrt() / tau)
         if spatial == "rbf":
@@ -128,7 +133,7 @@ def pixel_graph(
     for n, (dy, dx) in enumerate(offsets):
         if dy >= h or abs(dx) >= w:
             continue
-        src, dst = _pair_slices(h, w, dy, dx)
+        src, dst = pair_slices(h, w, dy, dx)
         weights[n][src] *= inv_sqrt[src] * inv_sqrt[dst]
     return weights, offsets
 
@@ -203,3 +208,26 @@ def refine_pixels(
     for start in range(0, c, chunk):
         out[start : start + chunk] = solve(scores[start : start + chunk].float())
     return out
+
+
+def pixel_features(image: Tensor, depth: Tensor | None, feature: str, *, depth_weight: float = 1.0) -> Tensor:
+    """Pixel-stage features ``[F, h, w]``: Lab (F=3), depth (F=1) or both (F=4).
+
+    Args:
+        image: ``[3, h, w]`` RGB in ``[0, 1]``.
+        depth: ``[h, w]`` depth in ``[0, 1]`` (unused for ``"lab"``).
+        feature: ``"lab"``, ``"depth"`` or ``"lab+depth"``.
+        depth_weight: scale of the depth channel (Lab channels are Lab / (100, 128, 128)).
+    """
+    if feature not in PIXEL_FEATURES:
+        raise ValueError(f"unknown pixel feature {feature!r}; valid choices: {', '.join(PIXEL_FEATURES)}")
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be [3, h, w], got {tuple(image.shape)}")
+    if feature == "lab":
+        return lab_features(image)
+    if depth is None or depth.shape != image.shape[1:]:
+        got = None if depth is None else tuple(depth.shape)
+        want = tuple(image.shape[1:])
+        raise ValueError(f"depth must be [h, w] = {want} for feature {feature!r}, got {got}")
+    d = depth.to(image.device, torch.float32)[None] * float(depth_weight)
+    return d if feature == "depth" else torch.cat([lab_features(image), d])

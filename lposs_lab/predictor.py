@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LPOSSConfig, WindowConfig
+from .errors import ConfigError, DeviceUnavailableError
 from .image_io import to_rgb_uint8
-from .pixels import refine_pixels
+from .pixels import PIXEL_FEATURES, pixel_features, refine_pixels
 from .propagation import refine_patches
 from .windows import (
     Window,
@@ -33,8 +34,6 @@ __all__ = ["LPOSS", "Prediction", "ImageFeatures", "METHODS", "VLM_AS_VM", "reso
 METHODS = ("maskclip", "lposs", "lposs_plus")
 #: VM names that mean "no separate VM: the VLM's own dense features are the graph features" (Table 4).
 VLM_AS_VM = ("clip_b16",)
-PIXEL_FEATURES = ("lab", "depth", "lab+depth")
-_LP_ARGS = ("k", "gamma", "sigma", "dist_pow", "alpha", "max_iter", "tol", "appearance", "sigma_a", "spatial")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -43,7 +42,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {str(device)!r} requested but CUDA is not available; use device=cpu")
+        raise DeviceUnavailableError(
+            f"device {str(device)!r} requested but CUDA is not available on this machine; use device=cpu "
+            "(or device=auto)"
+        )
     return dev
 
 
@@ -130,7 +132,7 @@ class LPOSS:
 
     Attributes:
         feature_cache: optional store with ``fetch(model, image, window, image_id) -> ImageFeatures``
-            (see :class:`lposs_lab.cache.FeatureStore`), used by :meth:`features` when an id is given.
+            (see :class:`lposs_lab.lab.cache.FeatureStore`), used by :meth:`features` when an id is given.
     """
 
     def __init__(
@@ -149,7 +151,7 @@ class LPOSS:
         self.device = resolve_device(device if device is not None else self.config.device)
         method = method or ("lposs_plus" if self.config.pixel.enabled else "lposs")
         if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; valid choices: {', '.join(METHODS)}")
+            raise ConfigError(f"unknown method {method!r}; valid choices: {', '.join(METHODS)}")
         self.method = method
         dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(
             self.config.encoder_dtype
@@ -222,15 +224,9 @@ class LPOSS:
     # ------------------------------------------------------------------ classes
     def set_classes(self, classes: Sequence[str]) -> None:
         """Set the vocabulary: class names, each possibly ``"name;synonym;..."`` (text encoded once here)."""
-        from .text import split_synonyms, text_embeddings
+        from .text import parse_classes, split_synonyms, text_embeddings
 
-        if isinstance(classes, str):
-            classes = [c for c in classes.split(",")]
-        classes = [str(c).strip() for c in classes]
-        if not classes or all(not c.replace(";", "").strip() for c in classes):
-            raise ValueError(
-                "the class list is empty; give at least one class name, e.g. classes='cat,dog,sky'"
-            )
+        classes = parse_classes(classes)
         synonyms, owner = split_synonyms(classes)
         with torch.inference_mode():
             text = text_embeddings(self.vlm, synonyms, cache_dir=self.text_cache_dir)
@@ -285,8 +281,6 @@ class LPOSS:
         px = self.config.pixel
         if px.feature == "lab":
             return None
-        from .models.depth import pixel_features
-
         depth = feats.depth
         if depth is None:
             if self.depth_model is None:
@@ -315,7 +309,7 @@ class LPOSS:
             graph = graph.reshape(b, gh * gw, -1)
             pos = patch_positions(feats.windows, (gh, gw), feats.patch_size, device=self.device)
             pos = pos.reshape(b, -1, 2)
-            lp = {name: getattr(cfg.lp, name) for name in _LP_ARGS}
+            lp = cfg.lp.kernel_kwargs()
             ys = y.reshape(b, gh * gw, -1)
             if cfg.window.joint:
                 y = refine_patches(graph.reshape(b * gh * gw, -1), pos.reshape(-1, 2), y, **lp)

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Protocol
 
@@ -19,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .image_io import atomic_write
+from .errors import ConfigError
+from .files import atomic_write
 
 __all__ = [
     "IMAGENET_TEMPLATES",
+    "parse_classes",
     "split_synonyms",
     "TextEmbedder",
     "text_embeddings",
@@ -37,13 +38,15 @@ def default_text_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "lposs_lab" / "text"
 
 
-def _load_templates() -> tuple[str, ...]:
-    text = resources.files("lposs_lab").joinpath("data/benchmarks.json").read_text(encoding="utf-8")
-    return tuple(json.loads(text)["imagenet_templates"])
+def _openai_templates() -> tuple[str, ...]:
+    # open_clip ships the 80 templates as callables; SPEC section 2's list is the same, in the same order.
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
 
 
-#: The 80 ImageNet prompt templates (each holds one ``{}`` for the class name).
-IMAGENET_TEMPLATES: tuple[str, ...] = _load_templates()
+#: The 80 ImageNet prompt templates of SPEC section 2 (each holds one ``{}`` for the class name).
+IMAGENET_TEMPLATES: tuple[str, ...] = _openai_templates()
 
 
 class TextEncoder(Protocol):
@@ -52,6 +55,42 @@ class TextEncoder(Protocol):
     weights_id: str
 
     def encode_text(self, texts: Sequence[str]) -> Tensor: ...
+
+
+def parse_classes(value: str | Sequence[str] | None) -> list[str]:
+    """The one class-list parser: ``"cat,dog;puppy,sky"`` or a sequence -> ``["cat", "dog;puppy", "sky"]``.
+
+    ``,`` separates classes and ``;`` synonyms of one class; names are stripped. A missing or empty list,
+    a blank class and two classes with the same (first) name (the second could never win the argmax) are
+    :class:`lposs_lab.errors.ConfigError` with a one-line message. Synonyms may overlap other classes (the
+    published COCO-Object background list holds "bed", also a class of its own).
+    """
+    example = 'pass classes="cat,dog;puppy,sky" (\',\' between classes, \';\' between synonyms)'
+    if value is None:
+        raise ConfigError(f"no classes given: {example}")
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, Sequence):
+        items = [str(v) for v in value if v is not None]
+    else:
+        raise ConfigError(f"classes must be a string like \"cat,dog;puppy\" or a list, got {value!r}")
+    classes = [";".join(part.strip() for part in str(c).split(";")).strip(";").strip() for c in items]
+    if not classes or all(not c.replace(";", "").strip() for c in classes):
+        raise ConfigError(f"the class list is empty: {example}")
+    blank = [i for i, c in enumerate(classes) if not c.replace(";", "").strip()]
+    if blank:
+        raise ConfigError(f"class {blank[0] + 1} of {len(classes)} is blank in {value!r}: {example}")
+    seen: dict[str, int] = {}
+    for index, name in enumerate(classes):
+        key = name.split(";")[0].strip().casefold()
+        if key in seen:
+            raise ConfigError(
+                f"class {name.split(';')[0].strip()!r} is given twice "
+                f"(classes {seen[key] + 1} and {index + 1} "
+                f"of {value!r}); the second could never win: name each class once, with ';' for synonyms"
+            )
+        seen[key] = index
+    return classes
 
 
 def split_synonyms(classes: Sequence[str]) -> tuple[list[str], list[int]]:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .image_io import atomic_write
+from .files import atomic_write
 
 __all__ = ["palette", "label_image", "overlay", "save_png"]
 

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from .geometry import pair_slices
+
 __all__ = ["torch_stencil_operator"]
 
 
@@ -22,8 +24,7 @@ def torch_stencil_operator(
     for n, (dy, dx) in enumerate(offsets):
         if dy >= h or abs(dx) >= w:
             continue
-        src = (slice(0, h - dy), slice(max(0, -dx), w - max(0, dx)))
-        dst = (slice(dy, h), slice(max(0, dx), w + min(0, dx)))
+        src, dst = pair_slices(h, w, dy, dx)
         planes.append((src, dst, weights[n][src].unsqueeze(-1)))
 
     def apply(x: Tensor) -> Tensor:

@@ -16,6 +16,8 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from .geometry import pair_slices
+
 __all__ = ["triton_stencil_operator", "full_planes"]
 
 
@@ -41,8 +43,7 @@ def full_planes(weights: Tensor, offsets: list[tuple[int, int]]) -> tuple[Tensor
             raise ValueError(f"offset {(dy, dx)} is not in the forward half (dy > 0, or dy == 0 and dx > 0)")
         if dy >= h or abs(dx) >= w:
             continue
-        src = (slice(0, h - dy), slice(max(0, -dx), w - max(0, dx)))
-        dst = (slice(dy, h), slice(max(0, dx), w + min(0, dx)))
+        src, dst = pair_slices(h, w, dy, dx)
         planes[n][src] = weights[n][src].float()
         planes[k + n][dst] = weights[n][src].float()
     dys = [o[0] for o in offsets] + [-o[0] for o in offsets]

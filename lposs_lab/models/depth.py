@@ -4,8 +4,8 @@ Optional: install the ``[depth]`` extra (``transformers``); it is imported only 
 ``tiny_random`` builds the same architecture, tiny and randomly initialised (tests; meaningless depth).
 
 :class:`DepthEstimator` maps ``[B, 3, h, w]`` RGB in ``[0, 1]`` to ``[B, h, w]`` relative depth (the model's
-disparity-like output) min-max normalised to ``[0, 1]`` per image; :func:`pixel_features` turns it, with or
-without Lab, into the ``[F, h, w]`` features :func:`lposs_lab.pixels.refine_pixels` takes.
+disparity-like output) min-max normalised to ``[0, 1]`` per image; :func:`lposs_lab.pixels.pixel_features`
+turns it, with or without Lab, into the ``[F, h, w]`` features :func:`lposs_lab.pixels.refine_pixels` takes.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..pixels import lab_features
+from .hub import hf_offline
 
-__all__ = ["DEPTH_MODELS", "DepthEstimator", "create_depth", "pixel_features", "normalise_depth"]
+__all__ = ["DEPTH_MODELS", "DepthEstimator", "create_depth", "normalise_depth"]
 
 #: name -> Hugging Face repo id (None: tiny random architecture, no weights).
 DEPTH_MODELS: dict[str, str | None] = {
@@ -145,7 +145,7 @@ def create_depth(
         weights_id = f"{name}:random:{TINY_SEED}"
     else:
         source = str(pretrained) if not isinstance(pretrained, bool) else repo
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+        offline = hf_offline()
         try:
             model = transformers.AutoModelForDepthEstimation.from_pretrained(source, local_files_only=offline)
         except OSError as exc:
@@ -158,27 +158,3 @@ def create_depth(
     est = DepthEstimator(model, weights_id, patch_size=14, min_side=side).eval()
     est.requires_grad_(False)
     return est.to(device) if device is not None else est
-
-
-def pixel_features(image: Tensor, depth: Tensor | None, feature: str, *, depth_weight: float = 1.0) -> Tensor:
-    """Pixel-stage features ``[F, h, w]``: Lab (F=3), depth (F=1) or both (F=4).
-
-    Args:
-        image: ``[3, h, w]`` RGB in ``[0, 1]``.
-        depth: ``[h, w]`` depth in ``[0, 1]`` (unused for ``"lab"``).
-        feature: ``"lab"``, ``"depth"`` or ``"lab+depth"``.
-        depth_weight: scale of the depth channel (Lab channels are Lab / (100, 128, 128)).
-    """
-    valid = ("lab", "depth", "lab+depth")
-    if feature not in valid:
-        raise ValueError(f"unknown pixel feature {feature!r}; valid choices: {', '.join(valid)}")
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"image must be [3, h, w], got {tuple(image.shape)}")
-    if feature == "lab":
-        return lab_features(image)
-    if depth is None or depth.shape != image.shape[1:]:
-        got = None if depth is None else tuple(depth.shape)
-        want = tuple(image.shape[1:])
-        raise ValueError(f"depth must be [h, w] = {want} for feature {feature!r}, got {got}")
-    d = depth.to(image.device, torch.float32)[None] * float(depth_weight)
-    return d if feature == "depth" else torch.cat([lab_features(image), d])

@@ -25,7 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConfigError, WeightsMismatchError, WeightsUnavailableError
 from .dino import ViTValueEncoder
+from .hub import hf_offline as _hf_offline
 from .maskclip import MaskCLIP
 from .tiny import TINY_CLIP_ARCH, TINY_SEED, TINY_VIT_ARCH, merge_arch, seeded
 
@@ -35,13 +37,6 @@ __all__ += ["VLM_MODELS", "parse_hf_hub", "load_checkpoint_file"]
 Pretrained = bool | str | os.PathLike | None
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
-
-class WeightsUnavailableError(RuntimeError):
-    """Weights that cannot be obtained (not cached while offline, download failed, file missing)."""
-
-
-class WeightsMismatchError(RuntimeError):
-    """A checkpoint whose keys or shapes do not fit the architecture."""
 
 
 def _one_line(text: object, limit: int = 200) -> str:
@@ -72,13 +67,6 @@ def _hf_cache_dir() -> str | None:
     if os.environ.get("HF_HOME"):
         return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
     return None  # huggingface_hub's default
-
-
-def _hf_offline() -> bool:
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return env.strip().upper() in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
 
 
 def _fetch_hub(
@@ -191,7 +179,7 @@ def _resolve(
             return None, f"random:{TINY_SEED}"
         return _fetch_hub(repo_id, filenames, None, who, kind)
     if not isinstance(pretrained, str | os.PathLike):
-        raise ValueError(
+        raise ConfigError(
             f"pretrained must be True, False, None, a path or 'hf-hub:org/repo', got {pretrained!r}"
         )
     spec = os.fspath(pretrained)
@@ -209,7 +197,7 @@ def _resolve(
     if not path.is_file():
         raise WeightsUnavailableError(f"checkpoint file not found for {kind} '{who}': {path}")
     if path.suffix not in CHECKPOINT_SUFFIXES:
-        raise ValueError(
+        raise ConfigError(
             f"unsupported checkpoint type {path.name!r}; valid suffixes: {', '.join(CHECKPOINT_SUFFIXES)}"
         )
     stat = path.resolve().stat()
@@ -348,7 +336,10 @@ def _finish(encoder: nn.Module, device: torch.device | str | None, dtype: torch.
 
 def _lookup(table: dict[str, Callable[..., Any]], name: str, kind: str) -> Callable[..., Any]:
     if name not in table:
-        raise ValueError(f"unknown {kind} model {name!r}; valid names: {', '.join(table)}")
+        raise ConfigError(
+            f"unknown {kind} model {name!r}; valid names: {', '.join(table)} "
+            f"(e.g. {kind}={next(iter(table))})"
+        )
     return table[name]
 
 

@@ -1,0 +1,51 @@
+"""Exception types: what the user asked for (one line, exit 2 on the command line) versus everything else.
+
+:class:`UserError` is the base of every problem with the user's request: a bad config value, a missing
+dataset folder, an unreadable image, missing weights, a checkpoint that does not fit the model, CUDA
+requested on a machine without it. The command line prints these as ``error: <message>`` and exits with
+status 2. Any other exception is a bug and keeps its traceback.
+
+The concrete types also derive from the builtin that matches their meaning (``ValueError`` for bad values,
+``RuntimeError`` for an environment that cannot do what was asked), so ``except ValueError`` keeps working
+for library callers.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "UserError",
+    "ConfigError",
+    "ImageError",
+    "WeightsUnavailableError",
+    "WeightsMismatchError",
+    "DeviceUnavailableError",
+    "OutputError",
+]
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: reported as one line, exit status 2."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value is unknown or out of its valid range (the message names key, value, range)."""
+
+
+class ImageError(UserError, ValueError):
+    """An image (or label map) is missing, unreadable, truncated, empty or of an unsupported kind."""
+
+
+class WeightsUnavailableError(UserError, RuntimeError):
+    """Model weights are not cached and cannot be fetched (offline, no network, missing local file)."""
+
+
+class WeightsMismatchError(UserError, RuntimeError):
+    """A checkpoint does not fit the model architecture (missing/unexpected keys, shape mismatches)."""
+
+
+class DeviceUnavailableError(UserError, RuntimeError):
+    """A device was requested that this machine does not have (e.g. ``cuda`` without CUDA)."""
+
+
+class OutputError(UserError, OSError):
+    """An output location cannot be written (below a file, read-only, no permission)."""

@@ -1,0 +1,242 @@
+"""The 8 open-vocabulary segmentation benchmarks (MMSegmentation layout) and a dataset reading them.
+
+The facts about each benchmark (class names with ``;`` synonyms, folders, suffixes, split file,
+``reduce_zero_label``) live in ``benchmarks.json`` beside this file; see SPEC section 7.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lposs_lab.errors import UserError
+from lposs_lab.image_io import ImageError
+
+__all__ = [
+    "BENCHMARKS",
+    "IGNORE_INDEX",
+    "BenchmarkInfo",
+    "DatasetError",
+    "find_samples",
+    "get_benchmark",
+    "load_label",
+    "reduce_zero_label",
+    "resolve_root",
+]
+
+IGNORE_INDEX = 255
+_JSON_PATH = Path(__file__).with_name("benchmarks.json")
+
+
+class DatasetError(UserError, ValueError):
+    """A benchmark folder that cannot be used; the message is one line naming the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class BenchmarkInfo:
+    """One benchmark as described in ``benchmarks.json``.
+
+    Attributes:
+        name: benchmark key (``voc``, ``voc20``, ``context``, ``context59``, ``coco_object``,
+            ``coco_stuff``, ``ade20k``, ``cityscapes``).
+        classes: class names given to the text encoder; ``;`` separates synonyms of one class.
+        root: benchmark folder relative to the data root (e.g. ``VOCdevkit/VOC2012``).
+        images: image folder relative to ``root``.
+        image_suffix: file-name ending of images (``.jpg``, ``_leftImg8bit.png``).
+        labels: label folder relative to ``root``.
+        label_suffix: file-name ending of label maps.
+        split: split file relative to ``root`` listing the image ids, or None (all images are used).
+        reduce_zero_label: label 0 is ignored and the other labels are shifted down by one.
+        num_images: size of the full validation split.
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    root: str
+    images: str
+    image_suffix: str
+    labels: str
+    label_suffix: str
+    split: str | None
+    reduce_zero_label: bool
+    num_images: int
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes scored (after ``reduce_zero_label``)."""
+        return len(self.classes)
+
+    def layout(self, root: str | None = None) -> str:
+        """The expected folder layout, e.g. ``<root>/{JPEGImages,SegmentationClass,ImageSets/...}``."""
+        parts = [self.images, self.labels] + ([self.split] if self.split else [])
+        return f"{root or '<root>'}/{{{','.join(parts)}}}"
+
+
+def _load_benchmarks() -> dict[str, BenchmarkInfo]:
+    raw = json.loads(_JSON_PATH.read_text())["benchmarks"]
+    out = {}
+    for name, d in raw.items():
+        out[name] = BenchmarkInfo(
+            name=name,
+            classes=tuple(d["classes"]),
+            root=d["root"],
+            images=d["images"],
+            image_suffix=d["image_suffix"],
+            labels=d["labels"],
+            label_suffix=d["label_suffix"],
+            split=d.get("split"),
+            reduce_zero_label=bool(d["reduce_zero_label"]),
+            num_images=int(d["num_images"]),
+        )
+        if "num_classes" in d and int(d["num_classes"]) != len(out[name].classes):
+            raise RuntimeError(
+                f"benchmarks.json: {name} lists {len(d['classes'])} classes, not {d['num_classes']}"
+            )
+    return out
+
+
+BENCHMARKS: dict[str, BenchmarkInfo] = _load_benchmarks()
+
+
+def get_benchmark(name: str | BenchmarkInfo) -> BenchmarkInfo:
+    """Look up a benchmark by name.
+
+    Raises:
+        ValueError: unknown name; the message lists the valid names.
+    """
+    if isinstance(name, BenchmarkInfo):
+        return name
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; choose one of: {', '.join(BENCHMARKS)}")
+    return BENCHMARKS[name]
+
+
+def resolve_root(info: BenchmarkInfo, data_root: str | os.PathLike) -> Path:
+    """Find the benchmark folder under ``data_root``.
+
+    Tries ``data_root/<root>``, then ``data_root/<last part of root>`` (MMSeg's ADE20k may sit at
+    ``ade/ADEChallengeData2016`` or ``ADEChallengeData2016``), then ``data_root`` itself.
+
+    Raises:
+        DatasetError: none of them holds the image folder; names the missing folder and the layout.
+    """
+    data_root = Path(data_root)
+    if not data_root.is_dir():
+        raise DatasetError(f"data root {data_root} not found; pass the folder that holds {info.root}/")
+    primary = data_root / info.root
+    candidates = [primary, data_root / Path(info.root).name, data_root]
+    for cand in candidates:
+        if (cand / info.images).is_dir():
+            return cand
+    raise DatasetError(
+        f"{primary / info.images} not found; expected the MMSegmentation layout {info.layout(str(primary))}"
+    )
+
+
+def _split_ids(split_file: Path) -> list[str]:
+    ids: list[str] = []
+    seen: set[str] = set()
+    for line in split_file.read_text().splitlines():
+        key = line.strip()
+        if key and key not in seen:
+            seen.add(key)
+            ids.append(key)
+    return ids
+
+
+def find_samples(info: BenchmarkInfo, data_root: str | os.PathLike) -> list[tuple[str, Path, Path]]:
+    """List the ``(id, image_path, label_path)`` triples of a benchmark's validation split, sorted by id.
+
+    Ids are image paths relative to the image folder without the image suffix
+    (``frankfurt/frankfurt_000000_000294`` for Cityscapes). With a split file the ids come from it;
+    otherwise every image with the suffix is used (searched recursively).
+
+    Raises:
+        DatasetError: a folder, the split file or a label file is missing, or no image is found.
+    """
+    root = resolve_root(info, data_root)
+    img_dir, lbl_dir = root / info.images, root / info.labels
+    if not lbl_dir.is_dir():
+        raise DatasetError(
+            f"{lbl_dir} not found; expected the MMSegmentation layout {info.layout(str(root))}"
+        )
+    if info.split:
+        split_file = root / info.split
+        if not split_file.is_file():
+            raise DatasetError(
+                f"{split_file} not found; expected the MMSegmentation layout {info.layout(str(root))}"
+            )
+        ids = sorted(_split_ids(split_file))
+        if not ids:
+            raise DatasetError(f"split file {split_file} lists no image ids")
+        samples = []
+        for key in ids:
+            img = img_dir / f"{key}{info.image_suffix}"
+            if not img.is_file():
+                raise DatasetError(f"image {img} listed in {split_file} not found")
+            samples.append((key, img, lbl_dir / f"{key}{info.label_suffix}"))
+    else:
+        found = []
+        for img in img_dir.rglob(f"*{info.image_suffix}"):
+            if img.is_file():
+                rel = img.relative_to(img_dir).as_posix()
+                found.append((rel[: -len(info.image_suffix)], img))
+        if not found:
+            raise DatasetError(f"no images ending in {info.image_suffix!r} under {img_dir}")
+        found.sort()
+        samples = [(key, img, lbl_dir / f"{key}{info.label_suffix}") for key, img in found]
+    for key, _, lbl in samples:
+        if not lbl.is_file():
+            raise DatasetError(
+                f"label {lbl} for image {key!r} not found (expected <labels>/<id>{info.label_suffix})"
+            )
+    return samples
+
+
+def reduce_zero_label(label: np.ndarray) -> np.ndarray:
+    """MMSeg's ``reduce_zero_label``: 0 -> 255 (ignore), every other label minus one, 255 stays 255.
+
+    Args:
+        label: ``[H, W]`` integer label map.
+
+    Returns:
+        ``[H, W]`` uint8 label map.
+    """
+    out = label.astype(np.int64) - 1
+    out[label == 0] = IGNORE_INDEX
+    out[label == IGNORE_INDEX] = IGNORE_INDEX
+    return out.astype(np.uint8)
+
+
+def load_label(path: str | os.PathLike, reduce_zero: bool = False) -> np.ndarray:
+    """Read a label PNG (``L`` or palette ``P``; palette indices are the labels) to ``[H, W]`` uint8.
+
+    Raises:
+        ImageError: unreadable file, or not a single-channel 8-bit label map.
+    """
+    p = Path(path)
+    try:
+        with Image.open(p) as img:
+            img.load()
+            if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+                raise ImageError(
+                    f"label {p} has mode {img.mode}; expected a single-channel label map (L or P)"
+                )
+            arr = np.asarray(img)
+    except ImageError:
+        raise
+    except (OSError, SyntaxError, ValueError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageError(f"cannot decode label {p}: {msg}") from None
+    if arr.ndim != 2:
+        raise ImageError(f"label {p} has shape {arr.shape}; expected [H, W]")
+    if arr.dtype != np.uint8:
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise ImageError(f"label {p} has values outside 0..255")
+        arr = arr.astype(np.uint8)
+    return reduce_zero_label(arr) if reduce_zero else np.ascontiguousarray(arr)

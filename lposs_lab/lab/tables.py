@@ -1,0 +1,204 @@
+"""Tables of finished runs: one model (rows of numbers per dataset) rendered for the terminal or as markdown.
+
+Runs are results dicts (``results.json`` of ``task=evaluate``). A table has one row per configuration, one
+column per dataset in the paper's order, then ``Avg`` (when a row covers all 8 datasets) and ``Paper Avg``;
+rows that are the paper's default setting get a ``paper`` row with SPEC section 6's numbers under them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "DATASET_COLUMNS",
+    "PAPER",
+    "Table",
+    "config_value",
+    "group_runs",
+    "method_label",
+    "results_table",
+    "run_info",
+    "run_overrides",
+    "varying_keys",
+]
+
+#: Column order and headers of the paper's Tables 1 and 2.
+DATASET_COLUMNS: dict[str, str] = {
+    "voc": "VOC",
+    "coco_object": "Object",
+    "context": "Context",
+    "context59": "C59",
+    "coco_stuff": "Stuff",
+    "voc20": "VOC20",
+    "ade20k": "ADE",
+    "cityscapes": "City",
+}
+
+#: The paper's numbers (SPEC section 6): ``PAPER[metric][method][dataset]`` in percent.
+PAPER: dict[str, dict[str, dict[str, float]]] = {
+    "mIoU": {
+        "lposs": dict(zip(DATASET_COLUMNS, (61.1, 33.4, 34.6, 37.8, 25.9, 78.8, 21.8, 37.3), strict=True)),
+        "lposs_plus": dict(
+            zip(DATASET_COLUMNS, (62.4, 34.3, 35.4, 38.6, 26.5, 79.3, 22.3, 37.9), strict=True)
+        ),
+    },
+    "boundary_iou": {
+        "lposs_plus": dict(
+            zip(DATASET_COLUMNS, (51.2, 20.4, 21.6, 27.1, 19.2, 71.7, 16.0, 29.5), strict=True)
+        ),
+    },
+}
+
+_METHOD_LABELS = {
+    "lposs": "LPOSS",
+    "lposs_plus": "LPOSS+",
+    "maskclip": "MaskCLIP",
+    "oracle_patch": "Oracle (patch)",
+    "predictions": "Predictions",
+}
+
+
+def method_label(method: str) -> str:
+    """Display name of a method (``lposs_plus`` -> ``LPOSS+``)."""
+    return _METHOD_LABELS.get(method, method)
+
+
+def config_value(config: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def run_overrides(run: Mapping[str, Any]) -> dict[str, str]:
+    out = {}
+    for o in run.get("overrides") or []:
+        key, _, value = str(o).lstrip("+~").partition("=")
+        out[key] = value
+    return out
+
+
+def run_info(run: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"table", "row", "paper_avg", "x"}`` of a run, from its config's ``report`` section when present."""
+    config = run.get("config") or {}
+    rep = config.get("report") or {}
+    method = str(run.get("method") or "")
+    return {
+        "table": str(rep.get("table") or "runs"),
+        "row": str(rep.get("row") or run.get("label") or method_label(method)),
+        "paper_avg": rep.get("paper_avg"),
+        "x": rep.get("x"),
+        "experiment": rep.get("experiment"),
+    }
+
+
+def group_runs(runs: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """Runs by ``report.table`` (``"runs"`` for runs without one), in first-seen order."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault(run_info(r)["table"], []).append(r)
+    return groups
+
+
+def varying_keys(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Override keys whose values differ between runs of one dataset (sweep parameters)."""
+    keys: dict[str, set[str]] = {}
+    for r in runs:
+        for k, v in run_overrides(r).items():
+            if k not in ("dataset", "data_root", "hydra.sweep.dir", "hydra.run.dir"):
+                keys.setdefault(k, set()).add(v)
+    by_ds: dict[str, int] = {}
+    for r in runs:
+        by_ds[str(r.get("dataset"))] = by_ds.get(str(r.get("dataset")), 0) + 1
+    if max(by_ds.values(), default=0) < 2:
+        return []
+    return sorted(k for k, v in keys.items() if len(v) > 1)
+
+
+def _row_label(run: Mapping[str, Any], varying: Sequence[str]) -> str:
+    info = run_info(run)
+    if not varying:
+        return info["row"]
+    has_row = bool(((run.get("config") or {}).get("report") or {}).get("row"))
+    base = info["row"] if has_row else method_label(str(run.get("method")))
+    ov = run_overrides(run)
+    return base + " [" + ", ".join(f"{k}={ov.get(k, '-')}" for k in varying) + "]"
+
+
+def _fmt(x: Any) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{float(x):.1f}"
+
+
+@dataclass(frozen=True)
+class Table:
+    """A titled grid: ``header`` (first cell names the row labels) and rows of ``(label, cells)``."""
+
+    title: str
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, tuple[str, ...]], ...]
+
+    def to_markdown(self) -> str:
+        """GitHub markdown (the title is not included)."""
+        lines = ["| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
+        lines += ["| " + " | ".join([label, *cells]) + " |" for label, cells in self.rows]
+        return "\n".join(lines)
+
+    def to_text(self) -> str:
+        """Aligned plain text for the terminal, the title in the first header cell."""
+        grid = [[self.title, *self.header[1:]], *[[label, *cells] for label, cells in self.rows]]
+        widths = [max(len(row[i]) for row in grid) for i in range(len(self.header))]
+        return "\n".join(
+            "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(max(widths[i], 5)) for i, c in enumerate(row))
+            for row in grid
+        )
+
+
+_TITLES = {"mIoU": ("mIoU (%)", "Table 1"), "boundary_iou": ("Boundary IoU (%)", "Table 2")}
+
+
+def results_table(
+    runs: Sequence[Mapping[str, Any]], metric: str = "mIoU", *, paper: bool = True, all_datasets: bool = True
+) -> Table:
+    """The paper-layout table of ``metric`` over ``runs``.
+
+    Args:
+        runs: results dicts; runs without ``metric`` are left out.
+        metric: ``"mIoU"`` or ``"boundary_iou"`` (any key of the results dicts works).
+        paper: add the paper's numbers (rows under default-setting rows, the ``Paper Avg`` column).
+        all_datasets: a column for each of the 8 benchmarks (the report) or only for those present
+            (the summary printed after one evaluation).
+    """
+    varying = varying_keys(runs)
+    values: dict[str, dict[str, float | None]] = {}
+    meta: dict[str, tuple[str, Any]] = {}
+    for r in runs:
+        if metric not in r:
+            continue
+        label = _row_label(r, varying)
+        values.setdefault(label, {})[str(r.get("dataset"))] = r.get(metric)
+        meta[label] = (str(r.get("method")), run_info(r)["paper_avg"])
+    present = {d for v in values.values() for d in v}
+    datasets = [d for d in DATASET_COLUMNS if all_datasets or d in present]
+    cols = datasets + sorted(present - set(DATASET_COLUMNS))
+    title, table_name = _TITLES.get(metric, (metric, "paper"))
+    rows: list[tuple[str, tuple[str, ...]]] = []
+    for label, vals in values.items():
+        method, paper_avg = meta[label]
+        got = [vals.get(d) for d in DATASET_COLUMNS]
+        avg = sum(got) / len(got) if all(v is not None for v in got) else None
+        ref = PAPER.get(metric, {}).get(method) if paper else None
+        default_row = label == method_label(method)
+        ref_avg = sum(ref.values()) / len(ref) if ref and default_row else None
+        shown = (paper_avg if metric == "mIoU" and paper_avg is not None else ref_avg) if paper else None
+        rows.append((label, tuple(_fmt(vals.get(d)) for d in cols) + (_fmt(avg), _fmt(shown))))
+        if ref and default_row:
+            rows.append(
+                (f"  paper ({table_name})", tuple(_fmt(ref.get(d)) for d in cols) + (_fmt(ref_avg), ""))
+            )
+    header = ("configuration", *[DATASET_COLUMNS.get(d, d) for d in cols], "Avg", "Paper Avg")
+    return Table(title, header, tuple(rows))

@@ -1,0 +1,163 @@
+"""The Hydra edge: a resolved run config becomes the library's frozen dataclasses and built objects.
+
+This module and the task modules beside it are the only code that reads an OmegaConf config.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
+
+from lposs_lab.config import LPOSSConfig
+from lposs_lab.errors import ConfigError, OutputError
+from lposs_lab.predictor import LPOSS
+
+from ..cache import FeatureCacheSpec
+
+__all__ = [
+    "task_name",
+    "lposs_config",
+    "method_name",
+    "build_predictor",
+    "text_cache_dir",
+    "plain",
+    "run_dir_of",
+    "hydra_overrides",
+    "check_output_dir",
+    "cache_spec",
+]
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain Python containers (resolved); other values as they are."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def task_name(cfg: DictConfig) -> str:
+    """``task`` when given; else ``evaluate`` for a run naming a dataset, ``segment`` for images."""
+    from . import TASKS
+
+    task = cfg.get("task")
+    if task is not None:
+        if task not in TASKS:
+            raise ConfigError(f"unknown task {task!r}; valid tasks: {', '.join(sorted(TASKS))}")
+        return str(task)
+    dataset = cfg.get("dataset")
+    has_dataset = bool(dataset) and bool(dataset.get("name") if hasattr(dataset, "get") else dataset)
+    has_image = cfg.get("image") is not None
+    if has_dataset and has_image:
+        raise ConfigError(
+            "both dataset= and image= given: pass dataset=NAME to evaluate a benchmark, or image=PATH "
+            "'classes=\"a,b\"' to segment images (or say which with task=evaluate|segment)"
+        )
+    if has_dataset:
+        return "evaluate"
+    if has_image:
+        return "segment"
+    raise ConfigError(
+        "nothing to do: pass dataset=NAME to evaluate a benchmark (e.g. dataset=ade20k), or "
+        "image=PATH 'classes=\"cat,dog\"' to segment your own images"
+    )
+
+
+def lposs_config(cfg: DictConfig) -> LPOSSConfig:
+    """Map the ``vm``, ``vlm``, ``lp``, ``pixel`` and ``window`` groups onto :class:`LPOSSConfig`."""
+    vm = plain(cfg.get("vm")) or {}
+    vlm = plain(cfg.get("vlm")) or {}
+    return LPOSSConfig.from_dict(
+        {
+            "vm": str(vm.get("name", "dino_b16")),
+            "vlm": str(vlm.get("name", "maskclip_b16")),
+            "vm_pretrained": vm.get("pretrained"),
+            "vlm_pretrained": vlm.get("pretrained"),
+            **{key: plain(cfg[key]) for key in ("lp", "pixel", "window") if cfg.get(key) is not None},
+            "device": str(cfg.get("device", "auto")),
+            "encoder_dtype": str(cfg.get("encoder_dtype", "float32")),
+        }
+    )
+
+
+def method_name(cfg: DictConfig, config: LPOSSConfig) -> str:
+    """``method.name``, with ``pixel.enabled=false`` turning LPOSS+ into LPOSS."""
+    method = cfg.get("method") or {}
+    name = str(method.get("name", "lposs_plus")) if isinstance(method, DictConfig | dict) else str(method)
+    if name == "lposs_plus" and not config.pixel.enabled:
+        name = "lposs"
+    return name
+
+
+def text_cache_dir(cfg: Any) -> str | None:
+    """``text_cache_dir`` of a run config: ``"auto"`` (default), a folder, or ``None`` (memory only)."""
+    value = cfg.get("text_cache_dir", "auto") if cfg is not None else "auto"
+    return None if value in (None, "", "none", "null") else str(value)
+
+
+def build_predictor(cfg: DictConfig) -> LPOSS:
+    """The predictor a resolved run config describes (encoders built, weights fetched or cached)."""
+    config = lposs_config(cfg)
+    return LPOSS.from_config(config, method=method_name(cfg, config), text_cache_dir=text_cache_dir(cfg))
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    """Hydra's output folder of this run (``paths.output_dir``; the current folder outside a Hydra app)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # HydraConfig not set (composed in a test or a notebook)
+        paths = cfg.get("paths") or {}
+        try:
+            out = paths.get("output_dir")
+        except InterpolationResolutionError:
+            out = None
+        return Path(str(out)) if out else Path.cwd()
+
+
+def hydra_overrides() -> list[str]:
+    """The task overrides of this run as typed (empty outside a Hydra app)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def check_output_dir(folder: str | os.PathLike) -> Path:
+    """Make sure ``folder`` exists (created) and is writable, before any model is built.
+
+    Raises:
+        OutputError: it is below a regular file, on a read-only file system, or not writable.
+    """
+    path = Path(folder).expanduser()
+    blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise OutputError(
+            f"cannot write to {path}: {blocker} is a file, not a folder; choose another location"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".lposs-write-check-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise OutputError(f"cannot write to {path}: {reason}; choose another location") from None
+    return path
+
+
+def cache_spec(cfg: DictConfig, dataset: str) -> FeatureCacheSpec | None:
+    """The feature cache a run asks for (``cache.enabled``), or None."""
+    section = cfg.get("cache")
+    if not section or not section.get("enabled", False):
+        return None
+    return FeatureCacheSpec(
+        root=str(section.get("dir")) if section.get("dir") else None,
+        dataset=dataset,
+        shard_size=int(section.get("shard_size", 8)),
+        dtype=str(section.get("dtype", "float32")),
+    )

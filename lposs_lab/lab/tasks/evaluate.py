@@ -1,0 +1,341 @@
+"""``task=evaluate``: score a benchmark split with LPOSS/LPOSS+, saved predictions or the patch oracle.
+
+    python run.py dataset=ade20k vm=dino_b8 lp.k=800                # LPOSS+ on ADE20k, paths.data_dir
+    python run.py dataset=voc predictions=preds/ metrics.boundary=true
+    python run.py dataset=voc method=oracle_patch
+    python run.py dataset=voc trainer.devices=4                     # 4 processes (DDP), same numbers
+    python run.py dataset=voc hydra.run.dir=RUN resume=true         # continue a stopped run in RUN
+
+Three steps: :func:`plan_evaluation` checks everything the run needs and builds nothing,
+:func:`run_evaluation` builds the loggers, trainer and Lightning module and runs the test loop,
+:func:`write_results` sums the per-image records into ``results.json`` and the printed table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from lposs_lab import __version__
+from lposs_lab.errors import ConfigError, UserError
+from lposs_lab.files import atomic_write
+
+from ..data.benchmarks import BENCHMARKS, BenchmarkInfo, get_benchmark
+from ..data.dataset import SegmentationDataset
+from ..records import StateStore, summarize
+from ..tables import method_label, results_table
+from .config import (
+    cache_spec,
+    check_output_dir,
+    hydra_overrides,
+    lposs_config,
+    method_name,
+    plain,
+    run_dir_of,
+    text_cache_dir,
+)
+from .launch import EvaluationStopped, launched_world_size, process_rank, shared_dirs_are_explicit
+
+__all__ = ["EvalPlan", "plan_evaluation", "run_evaluation", "write_results", "evaluate"]
+
+# top-level keys of task overrides that describe an ablation (shown in the table's row label)
+_ABLATION_KEYS = ("vm", "vlm", "lp", "pixel", "window", "encoder_dtype")
+
+
+@dataclass
+class EvalPlan:
+    """Everything one evaluation needs, checked, before anything is built or written."""
+
+    info: BenchmarkInfo
+    dataset: SegmentationDataset
+    method: str
+    label: str
+    meta: dict[str, Any]
+    source: Any
+    store: StateStore
+    resume: bool
+    done: list[str]
+    boundary: bool
+    dilation_ratio: float
+    run_dir: Path
+    results_path: Path
+    overrides: list[str]
+    resolved: dict[str, Any]
+    save_predictions: str | None = None
+    num_workers: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def todo(self) -> int:
+        return len(self.dataset) - len(self.done)
+
+
+def _dataset(cfg: DictConfig) -> tuple[BenchmarkInfo, SegmentationDataset]:
+    ds_cfg = cfg.get("dataset")
+    if not ds_cfg or not ds_cfg.get("name"):
+        raise UserError(f"no dataset given: pass dataset=NAME, one of: {', '.join(BENCHMARKS)}")
+    info = get_benchmark(str(ds_cfg.name))
+    root = cfg.get("data_root")
+    if not root:
+        raise UserError(
+            f"no data folder given: set paths.data_dir=DIR (or $LPOSS_DATA_DIR), the folder holding "
+            f"{info.root}/"
+        )
+    limit = cfg.get("limit")
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise ConfigError(f"limit={limit!r} is out of range; valid: an integer >= 0 (or null for all images)")
+    dataset = SegmentationDataset(
+        info, Path(str(root)).expanduser(), limit=limit, index_cache_dir=cfg.get("index_cache_dir")
+    )
+    if len(dataset) == 0:
+        raise UserError(f"nothing to evaluate: limit={limit} selects no image of {info.name}")
+    return info, dataset
+
+
+def _source(cfg: DictConfig, info: BenchmarkInfo, dataset: SegmentationDataset) -> tuple[str, Any, dict]:
+    """``(method, label source, meta)`` of the run: the predictor, saved predictions or the oracle."""
+    from ..sources import PatchOracle, PredictorSource, SavedPredictions
+
+    config = lposs_config(cfg)  # validates every hyperparameter before anything is built
+    method = method_name(cfg, config)
+    meth_cfg = cfg.get("method") or {}
+    predictions = cfg.get("predictions")
+    if predictions:
+        pred_dir = Path(str(predictions)).expanduser()
+        if not pred_dir.is_dir():
+            raise UserError(
+                f"predictions folder {pred_dir} not found; pass predictions=DIR holding <id>.png files"
+            )
+        missing = [k for k in dataset.ids if not (pred_dir / f"{k}.png").is_file()]
+        if missing:
+            raise UserError(
+                f"prediction {pred_dir / (missing[0] + '.png')} not found ({len(missing)} of {len(dataset)} "
+                f"images lack one); predictions=DIR must hold <id>.png for every image"
+            )
+        source = SavedPredictions(str(pred_dir), info.num_classes)
+        return "predictions", source, {"mode": "predictions", "predictions": str(pred_dir.resolve())}
+    if method == "oracle_patch":
+        oracle = PatchOracle(int(meth_cfg.get("patch", 16)), str(meth_cfg.get("mode", "nearest-exact")))
+        return (
+            method,
+            oracle,
+            {"mode": "oracle_patch", "oracle": {"patch": oracle.patch, "mode": oracle.mode}},
+        )
+    cache = cache_spec(cfg, f"{info.name}@{dataset.data_root.expanduser().resolve()}")
+    source = PredictorSource(config, method, list(info.classes), text_cache_dir(cfg), cache)
+    meta = {
+        "mode": "model",
+        "method": method,
+        "vm": config.vm,
+        "vlm": config.vlm,
+        "encoder_dtype": config.encoder_dtype,
+        **{k: plain(cfg[k]) for k in ("lp", "pixel", "window")},
+    }
+    return method, source, meta
+
+
+def plan_evaluation(cfg: DictConfig) -> EvalPlan:
+    """Check the run config, the data, the outputs and the resume state; build nothing, write nothing."""
+    info, dataset = _dataset(cfg)
+    method, source, meta = _source(cfg, info, dataset)
+    mcfg = cfg.get("metrics") or {}
+    boundary = bool(mcfg.get("boundary", False))
+    dilation = float(mcfg.get("dilation_ratio", 0.02))
+    meta = {
+        "dataset": info.name,
+        **meta,
+        "metrics": {"boundary": boundary, "dilation_ratio": dilation},
+        "version": __version__,
+    }
+    run_dir = run_dir_of(cfg)
+    store = StateStore(Path(str(cfg.get("state_dir") or run_dir / "states")).expanduser())
+    results_path = Path(str(cfg.get("results_json") or run_dir / "results.json")).expanduser()
+    save_predictions = str(cfg.save_predictions) if cfg.get("save_predictions") else None
+    for folder in (store.root, results_path.parent, *([Path(save_predictions)] if save_predictions else [])):
+        check_output_dir(folder)
+    resume = bool(cfg.get("resume", False)) or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+    launched = launched_world_size()
+    if launched > 1 and not shared_dirs_are_explicit():
+        raise UserError(
+            f"this is one of {launched} launched processes (WORLD_SIZE/SLURM_NTASKS): pass "
+            "hydra.run.dir=DIR (or state_dir=DIR) on a filesystem all of them share, so they agree on "
+            "where per-image results go"
+        )
+    store.check(meta, resume)
+    done = [k for k in dataset.ids if k in store.done_ids()] if resume else []
+    overrides = hydra_overrides()
+    ablation = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] in _ABLATION_KEYS]
+    label = method_label(method) + (f" [{', '.join(ablation)}]" if ablation else "")
+    return EvalPlan(
+        info=info,
+        dataset=dataset,
+        method=method,
+        label=label,
+        meta=meta,
+        source=source,
+        store=store,
+        resume=resume,
+        done=done,
+        boundary=boundary,
+        dilation_ratio=dilation,
+        run_dir=run_dir,
+        results_path=results_path,
+        overrides=overrides,
+        resolved=plain(cfg),
+        save_predictions=save_predictions,
+        num_workers=int(cfg.get("num_workers", 0)),
+    )
+
+
+def run_evaluation(plan: EvalPlan, cfg: DictConfig) -> int | None:
+    """Build the loggers, callbacks, trainer and module from ``cfg``; run the test loop.
+
+    Returns the number of processes on rank 0, ``None`` on the other ranks.
+
+    Raises:
+        EvaluationStopped: the run received SIGTERM (SLURM preemption or time-out, ``kill``); the images
+            evaluated so far keep their records.
+    """
+    from ..module import EvalDataModule, EvalModule
+    from .trainer import build_callbacks, build_loggers, build_trainer, finish_loggers
+
+    if process_rank() == 0:  # external launchers (torchrun, SLURM) start every rank in this function
+        plan.store.prepare(plan.meta)
+    module = EvalModule(
+        plan.info.classes,
+        plan.source,
+        plan.store,
+        resumed=plan.store.load(plan.done) if plan.done else (),
+        boundary=plan.boundary,
+        dilation_ratio=plan.dilation_ratio,
+        save_predictions=plan.save_predictions,
+        hparams={
+            "config": plan.resolved,
+            "lposs_lab_version": __version__,
+            "label": plan.label,
+            "dataset": plan.info.name,
+            "ids": plan.dataset.ids,
+        },
+    )
+    datamodule = EvalDataModule(plan.dataset, skip=plan.done, num_workers=plan.num_workers)
+    loggers, options = build_loggers(cfg)
+    trainer = build_trainer(cfg, loggers=loggers, callbacks=build_callbacks(cfg, options), todo=plan.todo)
+    try:
+        trainer.test(module, datamodule=datamodule, verbose=False)
+    except SystemExit as exc:  # Lightning ends the loop with SIGTERMException (exit status 0) on SIGTERM
+        if trainer.received_sigterm:
+            raise EvaluationStopped(plan.store, len(plan.dataset)) from exc
+        raise
+    finally:
+        finish_loggers(loggers)
+    if trainer.received_sigterm:
+        raise EvaluationStopped(plan.store, len(plan.dataset))
+    return trainer.world_size if trainer.is_global_zero else None
+
+
+def write_results(plan: EvalPlan, wall: float, world: int) -> dict[str, Any]:
+    """Sum the records of every image into ``results.json`` (atomically) and print the table."""
+    records = plan.store.load(plan.dataset.ids)
+    summary = summarize(
+        records, plan.info.classes, boundary=plan.boundary, dilation_ratio=plan.dilation_ratio
+    )
+    results: dict[str, Any] = {
+        "dataset": plan.info.name,
+        "method": plan.method,
+        "label": plan.label,
+        "mIoU": summary["mIoU"],
+    }
+    if plan.boundary:
+        results["boundary_iou"] = summary["boundary_iou"]
+    results.update(
+        pixel_accuracy=summary["pixel_accuracy"],
+        num_images=summary["num_images"],
+        errors=summary["errors"],
+        resumed=len(plan.done),
+        per_class_iou=summary["per_class_iou"],
+    )
+    if plan.boundary:
+        results["per_class_boundary_iou"] = summary["per_class_boundary_iou"]
+    results.update(
+        seconds_per_image=summary["seconds_per_image"],
+        wall_seconds=round(wall, 3),
+        processes=world,
+        state_dir=str(plan.store.root),
+        predictions=plan.meta.get("predictions"),
+        version=__version__,
+        random_init=_random_init(plan),
+        overrides=plan.overrides,
+        config=plan.resolved,
+        per_image=summary["per_image"],
+    )
+    with atomic_write(plan.results_path, "w") as fh:
+        json.dump(results, fh, indent=1)
+    print()
+    print(results_table([results], "mIoU", all_datasets=False).to_text())
+    if plan.boundary:
+        print()
+        print(results_table([results], "boundary_iou", all_datasets=False).to_text())
+    n = summary["num_images"]
+    print(
+        f"\n{plan.info.name}: {n} image(s) scored in {wall:.1f}s ({world} process(es)); "
+        f"results: {plan.results_path}"
+    )
+    if results["random_init"]:
+        print(
+            "note: random-init weights ("
+            + ", ".join(results["random_init"])
+            + "): the numbers are meaningless"
+        )
+    if summary["errors"]:
+        print(f"{len(summary['errors'])} image(s) could not be evaluated (results.json 'errors'):")
+        for e in summary["errors"]:
+            print(f"  {e['id']}: {e['error']}")
+    return results
+
+
+def _random_init(plan: EvalPlan) -> list[str]:
+    """Encoders of this run without trained weights (``tiny_random`` or ``pretrained=false``)."""
+    config = getattr(plan.source, "config", None)
+    if config is None:
+        return []
+    out = []
+    for kind in ("vm", "vlm"):
+        name, pretrained = getattr(config, kind), getattr(config, f"{kind}_pretrained")
+        if "tiny_random" in name or pretrained is False:
+            out.append(f"{kind}={name}")
+    return out
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
+    """Run ``task=evaluate``; returns the results dict (on rank 0) after writing ``results_json``.
+
+    Exits non-zero (a :class:`UserError`) when no image could be scored; ``results.json`` still lists why.
+    """
+    plan = plan_evaluation(cfg)
+    t0 = time.perf_counter()
+    world = 1
+    if plan.todo > 0:
+        try:
+            world = run_evaluation(plan, cfg)
+        except EvaluationStopped as stop:
+            print(f"error: {stop.message(plan.run_dir)}", file=sys.stderr, flush=True)
+            sys.exit(stop.exit_code)
+        if world is None:
+            return None
+    else:
+        print(f"all {len(plan.dataset)} images already evaluated in {plan.store.root}; summing their states")
+    results = write_results(plan, time.perf_counter() - t0, world)
+    if results["num_images"] == 0:
+        first = results["errors"][0]["error"] if results["errors"] else "no image was scored"
+        raise UserError(
+            f"no image of {plan.info.name} could be scored ({len(results['errors'])} error(s), listed in "
+            f"{plan.results_path}); first: {first}"
+        )
+    return results

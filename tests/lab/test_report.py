@@ -1,0 +1,128 @@
+"""report.py: paper-layout tables, sweep and per-image figures, the CLI, and a real 3-point multirun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lposs_lab.lab import report
+from lposs_lab.lab.records import DATASET_COLUMNS, PAPER
+
+REPO = Path(__file__).resolve().parents[2]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(dataset, method, miou, *, row=None, table=None, paper_avg=None, k=None, per_image=None, biou=None):
+    config = {"lp": {"k": k}} if k is not None else {}
+    if row or table:
+        config["report"] = {"row": row, "table": table, "paper_avg": paper_avg}
+    out = {"dataset": dataset, "method": method, "mIoU": miou, "config": config,
+           "overrides": [f"lp.k={k}"] if k is not None else [],
+           "per_image": [{"id": i, "mIoU": v} for i, v in (per_image or {}).items()]}
+    if biou is not None:
+        out["boundary_iou"] = biou
+    return out
+
+
+def _rows(table: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+
+
+def test_table_has_paper_layout_and_paper_numbers_beside_ours():
+    runs = [_run(d, "lposs_plus", 50.0 + i) for i, d in enumerate(DATASET_COLUMNS)]
+    runs += [_run(d, "lposs_plus", 40.0, row="448/224", table="table3", paper_avg=40.8)
+             for d in DATASET_COLUMNS]
+    text = report.markdown_table(runs)
+    header = text.splitlines()[0]
+    assert header.split("|")[2:11] == [f" {c} " for c in [*DATASET_COLUMNS.values(), "Avg"]]
+    rows = _rows(text)
+    assert [r[0] for r in rows] == ["LPOSS+", "paper (LPOSS+)", "448/224"]
+    assert rows[0][1:10] == [f"{50.0 + i:.1f}" for i in range(8)] + ["53.5"]
+    assert rows[0][10] == "42.1"  # the paper's LPOSS+ average (SPEC section 6)
+    assert rows[1][1] == f"{PAPER['mIoU']['lposs_plus']['voc']:.1f}" and rows[1][9] == "42.1"
+    assert rows[2][9:11] == ["40.0", "40.8"]
+
+
+def test_missing_datasets_give_no_average_and_boundary_table_is_separate():
+    runs = [_run("voc", "lposs_plus", 60.0, biou=50.0), _run("voc20", "lposs_plus", 80.0, biou=70.0)]
+    md = report.markdown_report(runs)
+    assert "Boundary IoU (%)" in md
+    rows = _rows(report.markdown_table(runs, "boundary_iou"))
+    assert rows[0][1] == "50.0" and rows[0][6] == "70.0" and rows[0][9] == "-"
+    assert rows[1][1] == "51.2"  # paper Table 2 row
+
+
+def test_sweep_rows_series_and_figure(tmp_path):
+    runs = [_run("voc20", "lposs_plus", m, k=k) for k, m in [(40, 43.0), (10, 40.0), (20, 45.5)]]
+    rows = _rows(report.markdown_table(runs))
+    assert [r[0] for r in rows] == ["LPOSS+ [lp.k=40]", "LPOSS+ [lp.k=10]", "LPOSS+ [lp.k=20]"]
+    assert report.sweep_series(runs, "lp.k") == {"voc20": [(10.0, 40.0), (20.0, 45.5), (40.0, 43.0)]}
+    png = report.plot_sweep(runs, "lp.k", tmp_path / "k.png")
+    assert png.read_bytes()[:8] == PNG
+    with pytest.raises(ValueError, match="no run has"):
+        report.plot_sweep(runs, "lp.gamma", tmp_path / "g.png")
+
+
+def test_per_image_scatter_matches_images_by_id(tmp_path):
+    a = _run("voc", "maskclip", 30.0, per_image={"x": 10.0, "y": 20.0, "z": 30.0})
+    b = _run("voc", "lposs_plus", 40.0, per_image={"y": 25.0, "z": 20.0, "w": 1.0})
+    png, n = report.plot_per_image(a, b, tmp_path / "s.png")
+    assert n == 2 and png.read_bytes()[:8] == PNG
+    with pytest.raises(ValueError, match="share no image"):
+        report.plot_per_image(a, _run("voc", "lposs", 1.0), tmp_path / "t.png")
+
+
+def test_cli_writes_report_and_figures_and_fails_cleanly(tmp_path, capsys):
+    for i, (k, m) in enumerate([(10, 40.0), (20, 45.5)]):
+        d = tmp_path / "sweep" / str(i)
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps(_run("voc20", "lposs_plus", m, k=k)))
+    d = tmp_path / "sweep" / "mc"
+    d.mkdir()
+    (d / "results.json").write_text(json.dumps(_run("voc20", "maskclip", 30.0, per_image={"a": 1.0})))
+    (tmp_path / "sweep" / "0" / "results.json").write_text(
+        json.dumps(_run("voc20", "lposs_plus", 40.0, k=10, per_image={"a": 5.0})))
+    out = tmp_path / "r" / "report.md"
+    figs = str(tmp_path / "r" / "fig")
+    assert report.main([str(tmp_path / "sweep"), "--out", str(out), "--figures", figs]) == 0
+    text = out.read_text()
+    assert "![runs: mIoU vs lp.k](fig/runs_lp_k.png)" in text
+    assert (tmp_path / "r" / "fig" / "per_image_voc20.png").read_bytes()[:8] == PNG
+    assert report.main([]) == 2
+    assert report.main([str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "results.json").write_text("{")
+    assert report.main([str(tmp_path / "bad")]) == 2
+
+
+def test_three_point_multirun_gives_three_runs_and_a_three_row_report(tmp_path):
+    sys.path.insert(0, str(REPO / "tests"))
+    from synthetic_data import make_dataset
+
+    make_dataset(tmp_path / "data", "voc20", 2, (40, 56))
+    sweep = tmp_path / "sweep"
+    cmd = [
+        sys.executable, "run.py", "-m", "task=evaluate", "dataset=voc20", f"data_root={tmp_path / 'data'}",
+        "vm=tiny_random", "vlm=tiny_random", "device=cpu", "logger=none", "trainer.enable_progress_bar=false",
+        "num_workers=0", "window.short_side=48", "window.long_side=96", "window.size=32", "window.stride=16",
+        "method=lposs", "lp.k=2,4,8", "++cache.enabled=true", f"++cache.dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    files = sorted(sweep.rglob("results.json"))
+    assert len(files) == 3
+    assert len(list((tmp_path / "cache").glob("*/shard-*"))) == 1  # encoded by the first run only
+    out = tmp_path / "report.md"
+    assert report.main([str(sweep), "--out", str(out), "--figures", str(tmp_path / "fig")]) == 0
+    table = out.read_text().split("mIoU (%)")[1]
+    rows = [line for line in table.splitlines() if line.startswith("| LPOSS")]
+    assert [r.split("|")[1].strip() for r in rows] == ["LPOSS [lp.k=2]", "LPOSS [lp.k=4]", "LPOSS [lp.k=8]"]
+    assert (tmp_path / "fig" / "runs_lp_k.png").read_bytes()[:8] == PNG
