@@ -8,16 +8,18 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from lposs_lab.config import LPConfig, LPOSSConfig, WindowConfig
 from lposs_lab.lab.cache import (
     FeatureCache,
+    FeatureCacheSpec,
     attach_feature_cache,
     cached_features,
-    configure_cache,
     feature_key,
     key_hash,
 )
-from lposs_lab.config import LPConfig, LPOSSConfig, WindowConfig
+from lposs_lab.lab.tasks.config import cache_spec
 from lposs_lab.models import create_vlm, create_vm
 from lposs_lab.predictor import LPOSS
 
@@ -169,7 +171,7 @@ def test_newest_shard_wins_and_other_processes_shards_are_seen(encoders, tmp_pat
     assert torch.equal(reader.get("x").vm, model.extract(b).vm)
 
 
-def test_cached_features_over_a_dataset_and_configure_cache(encoders, tmp_path):
+def test_cached_features_over_a_dataset_and_the_run_config_cache_spec(encoders, tmp_path):
     from synthetic_data import make_dataset
 
     from lposs_lab.lab.data import SegmentationDataset
@@ -178,15 +180,18 @@ def test_cached_features_over_a_dataset_and_configure_cache(encoders, tmp_path):
     ds = SegmentationDataset("voc20", tmp_path / "data")
     model = _model(encoders)
     counter = Counter(model)
-    cfg = {"cache": {"enabled": True, "dir": str(tmp_path / "c")}, "dataset": {"name": "voc20"},
-           "data_root": str(tmp_path / "data")}
-    store = configure_cache(model, cfg)
-    assert store is not None and store.dataset.startswith("voc20@") and model.feature_cache is store
+    cfg = OmegaConf.create({"cache": {"enabled": True, "dir": str(tmp_path / "c"), "shard_size": 3}})
+    spec = cache_spec(cfg, f"voc20@{tmp_path / 'data'}")
+    assert spec == FeatureCacheSpec(str(tmp_path / "c"), f"voc20@{tmp_path / 'data'}", 3, "float32")
+    store = spec.attach(model)
+    assert store.dataset.startswith("voc20@") and model.feature_cache is store and store.shard_size == 3
     first = dict(cached_features(model, ds, store))
     n = counter.calls
+    assert n >= 2 and (store.misses, store.hits) == (2, 0)
     second = dict(cached_features(model, ds, store))
-    assert counter.calls == n and sorted(first) == sorted(second) == ds.ids
-    assert configure_cache(model, {"cache": {"enabled": False}}) is None
-    assert configure_cache(model, {}) is None
+    assert counter.calls == n and sorted(first) == sorted(second) == ds.ids and store.hits == 2
+    assert len(list((tmp_path / "c").glob("*/shard-*"))) == 1  # flushed at the end of the first pass
+    assert cache_spec(OmegaConf.create({"cache": {"enabled": False}}), "x") is None
+    assert cache_spec(OmegaConf.create({}), "x") is None
     plain = dict(cached_features(model, [(i, s["image"]) for i, s in zip(ds.ids, ds, strict=True)], None))
     assert all(torch.equal(plain[k].vm, first[k].vm) for k in plain)

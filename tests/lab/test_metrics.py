@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage
+from scoring import np_boundary_counts, np_miou, np_pixel_accuracy
 
 from lposs_lab.lab.data.benchmarks import reduce_zero_label
 from lposs_lab.lab.metrics import (
@@ -15,8 +16,6 @@ from lposs_lab.lab.metrics import (
     SegmentationIoU,
     boundary_band,
     boundary_iterations,
-    load_metric_states,
-    metric_states,
     per_image_miou,
 )
 
@@ -38,10 +37,11 @@ PRED = [[0, 1, 1], [1, 0, 1]]
 
 def test_miou_hand_computed():
     m = SegmentationIoU(num_classes=3)
+    counts = m.counts(t(PRED), t(TARGET))
+    assert counts["intersection"].tolist() == [1, 2, 0] and counts["union"].tolist() == [2, 4, 1]
+    assert int(counts["correct"]) == 3 and int(counts["labeled"]) == 5
     m.update(t(PRED), t(TARGET))
     out = m.compute()
-    assert m.intersection.tolist() == [1, 2, 0]
-    assert m.union.tolist() == [2, 4, 1]
     assert out["per_class_iou"].tolist() == pytest.approx([0.5, 0.5, 0.0])
     assert float(out["mIoU"]) == pytest.approx(1 / 3)
     assert float(out["pixel_accuracy"]) == pytest.approx(3 / 5)
@@ -75,7 +75,7 @@ def test_prediction_at_ignored_pixels_not_counted_and_reduce_zero_label():
     out = m.compute()
     assert out["per_class_iou"].tolist() == [1.0, 1.0]
     assert float(out["pixel_accuracy"]) == 1.0
-    assert int(m.labeled) == 2
+    assert int(m.counts(pred, torch.from_numpy(target))["labeled"]) == 2
 
 
 def test_no_labeled_pixel_gives_nan():
@@ -84,7 +84,7 @@ def test_no_labeled_pixel_gives_nan():
     out = m.compute()
     assert math.isnan(float(out["mIoU"])) and math.isnan(float(out["pixel_accuracy"]))
     # the predictions at ignored pixels did not create a union
-    assert m.union.tolist() == [0, 0]
+    assert m.counts(t([[0, 1]]), t([[I, I]]))["union"].tolist() == [0, 0]
 
 
 def _random_maps(rng, n, h, w, c, ignore_frac=0.1):
@@ -105,8 +105,8 @@ def test_accumulation_equals_one_big_computation():
     big = SegmentationIoU(num_classes=6)
     big.update(pred.reshape(1, -1, 13), target.reshape(1, -1, 13))
     a, b = acc.compute(), big.compute()
-    assert torch.equal(acc.intersection, big.intersection) and torch.equal(acc.union, big.union)
-    assert float(a["mIoU"]) == float(b["mIoU"])
+    assert torch.equal(a["per_class_iou"], b["per_class_iou"]) and float(a["mIoU"]) == float(b["mIoU"])
+    assert float(a["pixel_accuracy"]) == float(b["pixel_accuracy"])
     # and against a plain numpy confusion matrix
     valid = target.numpy() != I
     conf = np.zeros((6, 6), dtype=np.int64)
@@ -192,11 +192,12 @@ def test_boundary_iou_two_halves_shifted_prediction():
     m.update(gt, gt)
     assert m.compute()["per_class_biou"].tolist() == [1.0, 1.0]
     m = BoundaryIoU(num_classes=2)
+    counts = m.counts(pred, gt)
     m.update(pred, gt)
     # class 0: GT band 14 px (interior col 1 rows 1-4 eroded), pred band = all 12 px of cols 0-1; overlap 8
     # class 1: GT band 14 px (col 4 rows 1-4 eroded), pred band 16 px (cols 3-4 rows 1-4 eroded); overlap 10
-    assert m.intersection.tolist() == [8, 10]
-    assert m.union.tolist() == [18, 20]
+    assert counts["intersection"].tolist() == [8, 10]
+    assert counts["union"].tolist() == [18, 20]
     assert float(m.compute()["mBIoU"]) == pytest.approx((8 / 18 + 10 / 20) / 2)
 
 
@@ -205,11 +206,12 @@ def test_boundary_iou_prediction_ignored_where_gt_ignored():
     gt = t([[0, 0, 0, I, 1, 1]] * 4)
     pred = torch.zeros(4, 6, dtype=torch.int64)
     m = BoundaryIoU(num_classes=3)
+    counts = m.counts(pred, gt)
     m.update(pred, gt)
     # the ignored column is outside both masks: class 0 GT band = 12 - 2 interior = 10 px; pred class 0 is
     # cols 0-2 (same band, 10 px) plus cols 4-5 (all 8 px band). class 1: GT band 8 px, no prediction.
-    assert m.intersection.tolist() == [10, 0, 0]
-    assert m.union.tolist() == [18, 8, 0]
+    assert counts["intersection"].tolist() == [10, 0, 0]
+    assert counts["union"].tolist() == [18, 8, 0]
     out = m.compute()
     assert math.isnan(float(out["per_class_biou"][2]))  # absent from both: not in the mean
     assert float(out["mBIoU"]) == pytest.approx((10 / 18 + 0) / 2)
@@ -221,33 +223,14 @@ def test_boundary_iou_iterations_on_bigger_image():
     gt[40:60, 40:60] = 1
     pred = torch.zeros_like(gt)
     m = BoundaryIoU(num_classes=2)
+    counts = m.counts(pred, gt)
     m.update(pred, gt)
     outer_ring = 100 * 100 - 94 * 94  # 3 px wide band along the image border
     hole_ring = 26 * 26 - 20 * 20  # class-0 pixels within 3 px (Chebyshev) of the square
     square_band = 20 * 20 - 14 * 14
-    assert m.intersection.tolist() == [outer_ring, 0]
-    assert m.union.tolist() == [outer_ring + hole_ring, square_band]
+    assert counts["intersection"].tolist() == [outer_ring, 0]
+    assert counts["union"].tolist() == [outer_ring + hole_ring, square_band]
     assert float(m.compute()["mBIoU"]) == pytest.approx(outer_ring / (outer_ring + hole_ring) / 2)
-
-
-def _reference_boundary_counts(pred: np.ndarray, gt: np.ndarray, c: int, ratio: float = 0.02):
-    """Independent Boundary IoU counts with scipy's binary erosion (outside the image = 0)."""
-    inter = np.zeros(c, dtype=np.int64)
-    union = np.zeros(c, dtype=np.int64)
-    for p, g in zip(pred, gt, strict=True):
-        h, w = g.shape
-        k = max(1, int(round(ratio * math.sqrt(h * h + w * w))))
-        p = np.where(g == I, I, p)
-        for cls in range(c):
-            gm, pm = g == cls, p == cls
-            if not (gm.any() or pm.any()):
-                continue
-            st = np.ones((3, 3), dtype=bool)
-            gb = gm & ~ndimage.binary_erosion(gm, structure=st, iterations=k, border_value=0)
-            pb = pm & ~ndimage.binary_erosion(pm, structure=st, iterations=k, border_value=0)
-            inter[cls] += (gb & pb).sum()
-            union[cls] += (gb | pb).sum()
-    return inter, union
 
 
 def _blobby_labels(rng, n, h, w, c):
@@ -265,12 +248,15 @@ def test_boundary_iou_matches_scipy_reference(size):
     gt = _blobby_labels(rng, 3, *size, c)
     pred = _blobby_labels(rng, 3, *size, c)
     pred[pred == I] = 0
-    m = BoundaryIoU(num_classes=c, class_chunk=2)  # chunking must not change anything
-    m.update(torch.from_numpy(pred), torch.from_numpy(gt))
-    inter, union = _reference_boundary_counts(pred, gt, c)
-    assert m.intersection.numpy().tolist() == inter.tolist()
-    assert m.union.numpy().tolist() == union.tolist()
+    inter, union = np_boundary_counts(pred, gt, c)
     assert (union > 0).all()
+    for chunk in (2, 16):  # chunking must not change anything
+        m = BoundaryIoU(num_classes=c, class_chunk=chunk)
+        counts = m.counts(torch.from_numpy(pred), torch.from_numpy(gt))
+        assert counts["intersection"].tolist() == inter.tolist()
+        assert counts["union"].tolist() == union.tolist()
+        m.update(torch.from_numpy(pred), torch.from_numpy(gt))
+        assert float(m.compute()["mBIoU"]) == pytest.approx(float(np.mean(inter / union)), abs=1e-12)
 
 
 def test_boundary_accumulation_equals_batched_update():
@@ -282,44 +268,107 @@ def test_boundary_accumulation_equals_batched_update():
     many = BoundaryIoU(num_classes=4)
     for p, g in zip(pred, gt, strict=True):
         many.update(p, g)
-    assert torch.equal(one.intersection, many.intersection) and torch.equal(one.union, many.union)
+    a, b = one.compute(), many.compute()
+    assert torch.equal(a["per_class_biou"], b["per_class_biou"]) and float(a["mBIoU"]) == float(b["mBIoU"])
+    inter, union = np_boundary_counts(pred.numpy(), gt.numpy(), 4)
+    assert float(a["mBIoU"]) == pytest.approx(float(np.mean(inter[union > 0] / union[union > 0])))
 
 
-# ---------------------------------------------------------------- resumable states
+# ---------------------------------------------------------------- counts: resumable, summable
+
+
+def _split(seed, n=4, h=12, w=12, c=3):
+    """A small split of blobby maps with ignored pixels and a prediction for it."""
+    rng = np.random.default_rng(seed)
+    gt = torch.from_numpy(_blobby_labels(rng, n, h, w, c))
+    pred = torch.from_numpy(_blobby_labels(rng, n, h, w, c))
+    pred[pred == I] = 0
+    return pred, gt
 
 
 @pytest.mark.parametrize("cls", [SegmentationIoU, BoundaryIoU])
-def test_metric_states_roundtrip_resumes_accumulation(cls):
-    rng = np.random.default_rng(4)
-    pred, target = _random_maps(rng, 4, 12, 12, 3)
+def test_counts_are_pure_and_add_counts_equals_update(cls):
+    pred, gt = _split(4)
+    m = cls(num_classes=3)
+    counts = m.counts(pred, gt)
+    assert set(counts) == set(cls.STATES)
+    assert all(v.dtype == torch.int64 for v in counts.values())
+    # counts() accumulates nothing: afterwards one image scores as that image alone
+    m.update(pred[:1], gt[:1])
+    alone = cls(num_classes=3)
+    alone.update(pred[:1], gt[:1])
+    for key, value in m.compute().items():
+        assert torch.allclose(value, alone.compute()[key], equal_nan=True), key
+    by_update = cls(num_classes=3)
+    by_update.update(pred, gt)
+    by_counts = cls(num_classes=3)
+    by_counts.add_counts(counts)
+    by_kw = cls(num_classes=3)
+    by_kw.update(counts=counts)
+    want = by_update.compute()
+    for other in (by_counts, by_kw):
+        got = other.compute()
+        for key in want:
+            assert torch.allclose(got[key], want[key], equal_nan=True), key
+    with pytest.raises(TypeError, match="pred and target, or counts="):
+        cls(num_classes=3).update(pred)
+
+
+def test_per_image_counts_sum_to_the_split_and_equal_the_numpy_reference():
+    pred, gt = _split(5, n=5, h=17, w=23, c=4)
+    m = SegmentationIoU(num_classes=4)
+    per_image = [m.counts(p, g) for p, g in zip(pred, gt, strict=True)]
+    summed = {k: sum(c[k] for c in per_image) for k in SegmentationIoU.STATES}
+    whole = m.counts(pred, gt)
+    for k in SegmentationIoU.STATES:
+        assert torch.equal(summed[k], whole[k]), k
+    ref, inter, union = np_miou(pred.numpy(), gt.numpy(), 4)
+    assert summed["intersection"].tolist() == inter.astype(int).tolist()
+    assert summed["union"].tolist() == union.astype(int).tolist()
+    m.add_counts(summed)
+    out = m.compute()
+    assert float(out["mIoU"]) == pytest.approx(ref, abs=1e-12)
+    assert float(out["pixel_accuracy"]) == pytest.approx(np_pixel_accuracy(pred.numpy(), gt.numpy()))
+    # the boundary counts too: per image (each its own erosion depth) summed = the scipy reference
+    b = BoundaryIoU(num_classes=4)
+    bsum = {k: sum(b.counts(p, g)[k] for p, g in zip(pred, gt, strict=True)) for k in BoundaryIoU.STATES}
+    inter_b, union_b = np_boundary_counts(pred.numpy(), gt.numpy(), 4)
+    assert bsum["intersection"].tolist() == inter_b.tolist() and bsum["union"].tolist() == union_b.tolist()
+
+
+@pytest.mark.parametrize("cls", [SegmentationIoU, BoundaryIoU])
+def test_resuming_from_saved_counts_equals_one_uninterrupted_pass(cls):
+    pred, gt = _split(6, n=6)
     full = cls(num_classes=3)
-    full.update(pred, target)
-    first = cls(num_classes=3)
-    first.update(pred[:2], target[:2])
-    states = metric_states(first)
-    assert set(states) >= {"intersection", "union"} and all(v.device.type == "cpu" for v in states.values())
+    full.update(pred, gt)
+    # an earlier run's per-image counts as JSON-like lists (what the state files hold), then the rest
+    saved = [
+        {k: v.tolist() for k, v in cls(num_classes=3).counts(p, g).items()}
+        for p, g in zip(pred[:2], gt[:2], strict=True)
+    ]
     resumed = cls(num_classes=3)
-    load_metric_states(resumed, states)
-    resumed.update(pred[2:], target[2:])
-    for name, value in metric_states(full).items():
-        assert torch.equal(value, metric_states(resumed)[name]), name
+    for rec in saved:
+        resumed.add_counts({k: torch.tensor(v, dtype=torch.int64) for k, v in rec.items()})
+    resumed.update(pred[2:], gt[2:])
+    want, got = full.compute(), resumed.compute()
+    for key in want:
+        assert torch.equal(got[key].isnan(), want[key].isnan()) and torch.allclose(
+            got[key], want[key], equal_nan=True
+        ), key
+    counts = cls(num_classes=3).counts(pred, gt)
     with pytest.raises(ValueError, match="num_classes"):
-        load_metric_states(cls(num_classes=4), states)
+        cls(num_classes=4).add_counts(counts)
     with pytest.raises(ValueError, match="need keys"):
-        load_metric_states(cls(num_classes=3), {"intersection": states["intersection"]})
+        cls(num_classes=3).add_counts({"intersection": counts["intersection"]})
 
 
-def test_metric_reset_and_states_are_summed_for_ddp():
+def test_reset_forgets_what_was_added():
     m = SegmentationIoU(num_classes=3)
-    assert {name: fx.__name__ for name, fx in m._reductions.items()} == {
-        "intersection": "dim_zero_sum",
-        "union": "dim_zero_sum",
-        "correct": "dim_zero_sum",
-        "labeled": "dim_zero_sum",
-    }
-    m.update(t(PRED), t(TARGET))
+    m.update(t([[2, 2, 2], [2, 2, 2]]), t(TARGET))
     m.reset()
-    assert m.intersection.tolist() == [0, 0, 0] and int(m.labeled) == 0
+    m.update(t(PRED), t(TARGET))  # after reset: exactly this image's numbers
+    assert float(m.compute()["mIoU"]) == pytest.approx(1 / 3)
+    assert float(m.compute()["pixel_accuracy"]) == pytest.approx(3 / 5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -331,8 +380,11 @@ def test_boundary_iou_on_cuda_matches_cpu():
     cpu.update(pred, gt)
     gpu = BoundaryIoU(num_classes=6).cuda()
     gpu.update(pred.cuda(), gt.cuda())
-    assert gpu.intersection.device.type == "cuda"
-    assert torch.equal(cpu.intersection, gpu.intersection.cpu()) and torch.equal(cpu.union, gpu.union.cpu())
+    gpu_counts = BoundaryIoU(num_classes=6).cuda().counts(pred.cuda(), gt.cuda())
+    assert gpu_counts["intersection"].device.type == "cuda"
+    for key, value in BoundaryIoU(num_classes=6).counts(pred, gt).items():
+        assert torch.equal(value, gpu_counts[key].cpu()), key
+    assert float(cpu.compute()["mBIoU"]) == float(gpu.compute()["mBIoU"])
     miou = SegmentationIoU(num_classes=6).cuda()
     miou.update(pred.cuda(), gt.cuda())
     assert miou.compute()["mIoU"].device.type == "cuda"

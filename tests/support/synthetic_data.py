@@ -1,14 +1,15 @@
 """Tiny synthetic datasets in each of the 8 MMSegmentation layouts of ``benchmarks.json`` (for tests).
 
 ``make_dataset(root, name)`` writes ``n_images`` image/label pairs under ``root`` exactly where
-:class:`lposs_lab.lab.data.benchmarks.SegmentationDataset` looks for them, and returns ``root`` (the data root).
+:class:`lposs_lab.lab.data.SegmentationDataset` looks for them, and returns ``root`` (the data root).
 Labels are piecewise-constant rectangles, images colour each class with a fixed colour plus noise (so image
 and label agree). Raw label values follow each benchmark's convention:
 
 - no ``reduce_zero_label``: classes ``0..C-1`` and 255 (ignore) where the benchmark has ignored pixels;
 - ``reduce_zero_label``: raw ``0..C`` (0 becomes ignore, the rest minus one) and 255;
 - coco_object: raw COCO-Stuff stuffthingmaps (``<id>.png``, thing/stuff ids and 255) converted with
-  :func:`lposs_lab.lab.data.coco_object.convert_coco_stuff_to_object` to ``<id>_instanceTrainIds.png`` (0..80).
+  :func:`lposs_lab.lab.data.coco_object.convert_coco_stuff_to_object` to ``<id>_instanceTrainIds.png``
+  (0..80).
 
 Split-file layouts (VOC, Context) also get one extra image/label pair not listed in ``val.txt``.
 """
