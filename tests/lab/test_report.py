@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lposs_lab.lab import report
-from lposs_lab.lab.records import DATASET_COLUMNS, PAPER
+from lposs_lab.lab.tables import DATASET_COLUMNS, PAPER, results_table
 
 REPO = Path(__file__).resolve().parents[2]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -37,29 +38,51 @@ def test_table_has_paper_layout_and_paper_numbers_beside_ours():
     runs = [_run(d, "lposs_plus", 50.0 + i) for i, d in enumerate(DATASET_COLUMNS)]
     runs += [_run(d, "lposs_plus", 40.0, row="448/224", table="table3", paper_avg=40.8)
              for d in DATASET_COLUMNS]
-    text = report.markdown_table(runs)
+    text = results_table(runs).to_markdown()
     header = text.splitlines()[0]
     assert header.split("|")[2:11] == [f" {c} " for c in [*DATASET_COLUMNS.values(), "Avg"]]
     rows = _rows(text)
-    assert [r[0] for r in rows] == ["LPOSS+", "paper (LPOSS+)", "448/224"]
+    assert [r[0] for r in rows] == ["LPOSS+", "paper (Table 1)", "448/224"]
     assert rows[0][1:10] == [f"{50.0 + i:.1f}" for i in range(8)] + ["53.5"]
     assert rows[0][10] == "42.1"  # the paper's LPOSS+ average (SPEC section 6)
     assert rows[1][1] == f"{PAPER['mIoU']['lposs_plus']['voc']:.1f}" and rows[1][9] == "42.1"
     assert rows[2][9:11] == ["40.0", "40.8"]
 
 
+def test_terminal_table_of_one_run_and_of_all_datasets():
+    runs = [
+        {"dataset": d, "method": "lposs_plus", "mIoU": 50.0 + i, "boundary_iou": 30.0}
+        for i, d in enumerate(DATASET_COLUMNS)
+    ]
+    lines = results_table(runs).to_text().splitlines()
+    assert lines[0].split() == ["mIoU", "(%)", *DATASET_COLUMNS.values(), "Avg", "Paper", "Avg"]
+    assert lines[1].split() == ["LPOSS+", *[f"{50.0 + i:.1f}" for i in range(8)], "53.5", "42.1"]
+    paper = PAPER["mIoU"]["lposs_plus"]
+    assert lines[2].split()[-9:] == [*[f"{paper[d]:.1f}" for d in DATASET_COLUMNS], "42.1"]
+    biou = results_table(runs, "boundary_iou").to_text().splitlines()
+    assert biou[0].startswith("Boundary IoU (%)") and biou[1].split()[-2:] == ["30.0", "32.1"]
+    # one run, only its dataset's column (what evaluate prints); the label carries the ablation
+    one = {"dataset": "voc", "method": "oracle_patch", "label": "x [lp.k=3]", "mIoU": math.pi}
+    text = results_table([one], all_datasets=False).to_text()
+    assert [ln.split() for ln in text.splitlines()] == [
+        ["mIoU", "(%)", "VOC", "Avg", "Paper", "Avg"],
+        ["x", "[lp.k=3]", "3.1", "-", "-"],
+    ]
+    assert results_table([one], "boundary_iou").rows == ()  # runs without the metric are left out
+
+
 def test_missing_datasets_give_no_average_and_boundary_table_is_separate():
     runs = [_run("voc", "lposs_plus", 60.0, biou=50.0), _run("voc20", "lposs_plus", 80.0, biou=70.0)]
     md = report.markdown_report(runs)
     assert "Boundary IoU (%)" in md
-    rows = _rows(report.markdown_table(runs, "boundary_iou"))
+    rows = _rows(results_table(runs, "boundary_iou").to_markdown())
     assert rows[0][1] == "50.0" and rows[0][6] == "70.0" and rows[0][9] == "-"
     assert rows[1][1] == "51.2"  # paper Table 2 row
 
 
 def test_sweep_rows_series_and_figure(tmp_path):
     runs = [_run("voc20", "lposs_plus", m, k=k) for k, m in [(40, 43.0), (10, 40.0), (20, 45.5)]]
-    rows = _rows(report.markdown_table(runs))
+    rows = _rows(results_table(runs).to_markdown())
     assert [r[0] for r in rows] == ["LPOSS+ [lp.k=40]", "LPOSS+ [lp.k=10]", "LPOSS+ [lp.k=20]"]
     assert report.sweep_series(runs, "lp.k") == {"voc20": [(10.0, 40.0), (20.0, 45.5), (40.0, 43.0)]}
     png = report.plot_sweep(runs, "lp.k", tmp_path / "k.png")
@@ -101,8 +124,8 @@ def test_cli_writes_report_and_figures_and_fails_cleanly(tmp_path, capsys):
     assert report.main([str(tmp_path / "bad")]) == 2
 
 
+@pytest.mark.slow
 def test_three_point_multirun_gives_three_runs_and_a_three_row_report(tmp_path):
-    sys.path.insert(0, str(REPO / "tests"))
     from synthetic_data import make_dataset
 
     make_dataset(tmp_path / "data", "voc20", 2, (40, 56))
