@@ -1,4 +1,7 @@
-"""lposs_lab's Hydra entry point: ``python run.py task=segment image=... 'classes="a,b"'``.
+"""lposs_lab's Hydra entry point.
+
+    python run.py dataset=ade20k vm=dino_b8 lp.k=800                       # evaluate a benchmark
+    python run.py image=photo.jpg 'classes="cat,dog;puppy,sky"'            # segment your own images
 
 Everything is a config under ``conf/``; see README.md for the tasks and the config groups.
 """
@@ -9,9 +12,10 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
-    from lposs_lab.lab.tasks import run_task
+    from lposs_lab.lab.tasks import objective, run_task
 
-    return run_task(cfg)
+    # a sweeper that optimises (hparams_search=optuna) reads the metric named by optimized_metric
+    return objective(run_task(cfg), cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,31 @@ class ImageError(UserError, ValueError):
 
 
 class WeightsUnavailableError(UserError, RuntimeError):
-    """Model weights are not cached and cannot be fetched (offline, no network, missing local file)."""
+    """Model weights are not cached and cannot be fetched (offline, no network, missing local file).
+
+    Attributes (when the weights come from the hub): ``kind`` (``vm``/``vlm``), ``name``, ``repo_id``,
+    ``reason``, ``where`` (the cache folder), so several missing checkpoints can be reported in one line.
+    """
+
+    def __init__(self, message: str, **details: str) -> None:
+        super().__init__(message)
+        self.details = details
+
+    @classmethod
+    def combine(cls, errors: list[WeightsUnavailableError]) -> WeightsUnavailableError:
+        """One error naming every missing checkpoint of ``errors`` and the two ways out."""
+        if len(errors) == 1 or not all(e.details for e in errors):
+            return errors[0] if len(errors) == 1 else cls("; ".join(str(e) for e in errors))
+        models = " and ".join(
+            f"{e.details['kind']} '{e.details['name']}' ({e.details['repo_id']})" for e in errors
+        )
+        flags = " ".join(f"{e.details['kind']}.pretrained=PATH" for e in errors)
+        first = errors[0].details
+        return cls(
+            f"weights unavailable for {models}: not in {first['where']} and cannot be downloaded "
+            f"({first['reason']}); cache them once with network access (HF_HOME), "
+            f"or pass local files: {flags}"
+        )
 
 
 class WeightsMismatchError(UserError, RuntimeError):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LPOSSConfig, WindowConfig
-from .errors import ConfigError, DeviceUnavailableError
+from .errors import ConfigError, DeviceUnavailableError, WeightsUnavailableError
 from .image_io import to_rgb_uint8
 from .pixels import PIXEL_FEATURES, pixel_features, refine_pixels
 from .propagation import refine_patches
@@ -202,11 +202,21 @@ class LPOSS:
         if overrides:
             config = LPOSSConfig.from_dict({**_shallow(config), **overrides})
         device = resolve_device(config.device)
-        vlm = create_vlm(config.vlm, pretrained=_pretrained(config.vlm_pretrained), device=device)
+        missing: list[WeightsUnavailableError] = []
+        vlm = vm = None
+        try:
+            vlm = create_vlm(config.vlm, pretrained=_pretrained(config.vlm_pretrained), device=device)
+        except WeightsUnavailableError as exc:
+            missing.append(exc)
         if config.vm in VLM_AS_VM:  # CLIP's own features for the graph: no separate VM
             vm = vlm
         else:
-            vm = create_vm(config.vm, pretrained=_pretrained(config.vm_pretrained), device=device)
+            try:
+                vm = create_vm(config.vm, pretrained=_pretrained(config.vm_pretrained), device=device)
+            except WeightsUnavailableError as exc:
+                missing.append(exc)
+        if missing:  # name every missing checkpoint at once
+            raise WeightsUnavailableError.combine(missing)
         depth = None
         if config.pixel.feature != "lab" and config.pixel.enabled and method in (None, "lposs_plus"):
             from .models.depth import create_depth

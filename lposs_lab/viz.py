@@ -13,17 +13,37 @@ from .files import atomic_write
 __all__ = ["palette", "label_image", "overlay", "save_png"]
 
 
+#: Longest class name shown in an overlay legend (longer names are cut with an ellipsis).
+LEGEND_MAX_CHARS = 32
+#: Colour of label 255 (no class / unknown) in label PNGs and overlays.
+NO_CLASS_COLOUR = (190, 190, 190)
+
+
+def _voc_colour(i: int) -> tuple[int, int, int]:
+    c, r, g, b = i, 0, 0, 0
+    for j in range(8):
+        r |= ((c >> 0) & 1) << (7 - j)
+        g |= ((c >> 1) & 1) << (7 - j)
+        b |= ((c >> 2) & 1) << (7 - j)
+        c >>= 3
+    return r, g, b
+
+
 def palette(n: int = 256) -> np.ndarray:
-    """The PASCAL VOC colour map (bit-interleaved), ``[n, 3]`` uint8; colour 255 is white-ish."""
+    """Class colours ``[n, 3]`` uint8: the PASCAL VOC colour map without its black (every class visible).
+
+    Class ``i`` gets VOC colour ``i + 1`` (class 0 is dark red, not the black that reads as shadow in an
+    overlay); colours darker than 64 in every channel are lifted by 64. Entry 255 (no class / unknown) is
+    light grey.
+    """
     out = np.zeros((n, 3), dtype=np.uint8)
     for i in range(n):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        out[i] = (r, g, b)
+        rgb = np.array(_voc_colour(i + 1), dtype=np.int64)
+        if rgb.max() < 64:
+            rgb = rgb + 64
+        out[i] = rgb
+    if n > 255:
+        out[255] = NO_CLASS_COLOUR
     return out
 
 
@@ -39,6 +59,11 @@ def label_image(labels: np.ndarray) -> Image.Image:
     return img
 
 
+def legend_name(name: str, limit: int = LEGEND_MAX_CHARS) -> str:
+    """``name`` cut to ``limit`` characters with an ellipsis (legends stay narrow for any class name)."""
+    return name if len(name) <= limit else name[: max(1, limit - 1)].rstrip() + "\u2026"
+
+
 def _font(size: int) -> ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
@@ -47,14 +72,20 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def overlay(
-    image: np.ndarray, labels: np.ndarray, class_names: Sequence[str], *, alpha: float = 0.5
+    image: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    alpha: float = 0.5,
+    note: str | None = None,
 ) -> Image.Image:
     """Blend the colour-coded labels over the image and append a legend of the classes present.
 
     Args:
         image: ``[H, W, 3]`` uint8 RGB.
         labels: ``[H, W]`` class indices.
-        class_names: names of the classes.
+        class_names: names of the classes (legend entries are cut to :data:`LEGEND_MAX_CHARS`).
+        note: an extra last legend line, e.g. that the weights are random.
 
     Returns:
         An RGB image: the blend on the left, the legend (classes present, by area) on the right.
@@ -72,8 +103,11 @@ def overlay(
     font_size = int(np.clip(h / 30, 10, 28))
     font = _font(font_size)
     row = font_size + 6
-    rows = max(1, len(present))
-    width = max(int(font.getlength(class_names[i] if i < len(class_names) else str(i))) for i in present)
+    names = {i: legend_name(class_names[i] if i < len(class_names) else str(i)) for i in present}
+    rows = max(1, len(present)) + (1 if note else 0)
+    width = max(int(font.getlength(names[i])) for i in present)
+    if note:
+        width = max(width, int(font.getlength(legend_name(note, 2 * LEGEND_MAX_CHARS))) - row)
     legend_w = width + row + 24
     canvas = Image.new("RGB", (w + legend_w, max(h, rows * row + 12)), (255, 255, 255))
     canvas.paste(Image.fromarray(blend), (0, 0))
@@ -85,8 +119,10 @@ def overlay(
             fill=tuple(int(v) for v in colours[i]),
             outline=(0, 0, 0),
         )
-        name = class_names[i] if i < len(class_names) else str(i)
-        draw.text((w + 16 + font_size, y), name, fill=(0, 0, 0), font=font)
+        draw.text((w + 16 + font_size, y), names[i], fill=(0, 0, 0), font=font)
+    if note:
+        draw.text((w + 8, 6 + len(present) * row), legend_name(note, 2 * LEGEND_MAX_CHARS), fill=(160, 0, 0),
+                  font=font)
     return canvas
 
 

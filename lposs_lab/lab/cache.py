@@ -19,6 +19,8 @@ import atexit
 import hashlib
 import json
 import os
+import shutil
+import sys
 import time
 import uuid
 import weakref
@@ -139,22 +141,55 @@ class FeatureCache:
         else:
             with atomic_write(key_file, "w") as fh:
                 json.dump(self.key, fh, indent=1, sort_keys=True)
+        self._clean_stale_temporaries()
         self.refresh()
         _OPEN.add(self)
 
     # ------------------------------------------------------------------ reading
     def refresh(self) -> None:
-        """Pick up shards written since the last look (e.g. by another process)."""
-        import datasets
+        """Pick up shards written since the last look (e.g. by another process).
 
+        A damaged shard (truncated, or not a readable Arrow dataset) is reported with its path and
+        removed: its images count as missing, so they are recomputed and stored in a new shard.
+        """
         names = sorted(p.name for p in self.path.glob("shard-*") if p.is_dir())
         for name in names:  # sorted by creation time: later shards override earlier ones
             if name in self._shards:
                 continue
-            ds = datasets.load_from_disk(str(self.path / name))
-            self._shards[name] = ds.data.table
-            for row, image_id in enumerate(ds.data.table.column("id").to_pylist()):
+            table = self._load_shard(self.path / name)
+            if table is None:
+                continue
+            self._shards[name] = table
+            for row, image_id in enumerate(table.column("id").to_pylist()):
                 self._index[image_id] = (name, row)
+
+    @staticmethod
+    def _load_shard(path: Path) -> Any:
+        import datasets
+        import pyarrow as pa
+
+        try:
+            table = datasets.load_from_disk(str(path)).data.table
+            table.validate(full=True)
+        except (OSError, ValueError, pa.ArrowException, json.JSONDecodeError) as exc:
+            reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+            print(f"warning: damaged feature-cache shard {path} ({reason}); recomputing its images",
+                  file=sys.stderr, flush=True)
+            shutil.rmtree(path, ignore_errors=True)
+            return None
+        return table
+
+    def _clean_stale_temporaries(self) -> None:
+        """Remove ``.tmp-shard-*`` folders of writers that died (their process is gone, or over a day old)."""
+        for tmp in self.path.glob(".tmp-shard-*"):
+            parts = tmp.name.split("-")
+            pid = int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else -1
+            try:
+                age = time.time() - tmp.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if age > 86400 or not _process_alive(pid):
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def __contains__(self, image_id: str) -> bool:
         return image_id in self._pending or image_id in self._index
@@ -269,6 +304,19 @@ class FeatureCache:
 
 
 _OPEN: weakref.WeakSet[FeatureCache] = weakref.WeakSet()
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process of this machine with ``pid`` exists (False for invalid pids)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 @atexit.register

@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import ConfigError, WeightsMismatchError, WeightsUnavailableError
 from .dino import ViTValueEncoder
 from .hub import hf_offline as _hf_offline
+from .hub import hub_reachable
 from .maskclip import MaskCLIP
 from .tiny import TINY_CLIP_ARCH, TINY_SEED, TINY_VIT_ARCH, merge_arch, seeded
 
@@ -87,7 +88,10 @@ def _fetch_hub(
     offline = _hf_offline()
     cache_dir = _hf_cache_dir()
     last_error: Exception | None = None
-    for local_only in (True,) if offline else (True, False):
+    passes = (True,) if offline else (True, False)
+    for local_only in passes:
+        if not local_only and not hub_reachable():
+            break
         for filename in filenames:
             try:
                 path = Path(
@@ -98,23 +102,25 @@ def _fetch_hub(
             except _Missing as exc:
                 last_error = exc
                 continue
-            except Exception as exc:  # noqa: BLE001 - offline, no network, unknown repo: give up on this pass
+            except OSError as exc:  # not cached, offline, no network, unknown repo: give up on this pass
                 last_error = exc
                 if local_only:
                     continue
                 break
             commit = path.parent.name if path.parent.parent.name == "snapshots" else (revision or "main")
             return path, f"hf:{repo_id}/{filename}@{commit}"
-    where = cache_dir or "the default Hugging Face cache"
-    reason = (
-        "HF_HUB_OFFLINE is set" if offline else _one_line(f"{type(last_error).__name__}: {last_error}", 100)
-    )
-    files = " or ".join(filenames)
+    where = cache_dir or "the Hugging Face cache"
+    if offline:
+        reason = "HF_HUB_OFFLINE is set"
+    elif not hub_reachable():
+        reason = "the hub is unreachable"
+    else:
+        reason = _one_line(f"{type(last_error).__name__}: {last_error}", 100)
     raise WeightsUnavailableError(
-        f"weights for {kind} '{who}' unavailable: {repo_id} ({files}) is not cached in {where} and cannot "
-        f"be downloaded ({reason}); run once with network access to cache it in $HF_HOME, "
-        f"or pass a local file: {kind}.pretrained=/path/to/{filenames[0]} on the command line "
-        f"({kind}_pretrained= in LPOSSConfig)"
+        f"weights for {kind} '{who}' unavailable: {repo_id} is not in {where} and cannot be downloaded "
+        f"({reason}); cache it once with network access (HF_HOME), or pass a local file with "
+        f"{kind}.pretrained=PATH ({kind}_pretrained= in LPOSSConfig)",
+        kind=kind, name=who, repo_id=repo_id, reason=reason, where=str(where),
     )
 
 

@@ -13,9 +13,9 @@ import sys
 import warnings
 from typing import Any
 
-from lposs_lab.errors import UserError
+from lposs_lab.errors import ConfigError, UserError
 
-__all__ = ["TASKS", "run_task", "UserError", "quiet_third_party"]
+__all__ = ["TASKS", "run_task", "objective", "UserError", "SweepPointFailed", "quiet_third_party"]
 
 #: packages whose INFO lines, tips and warnings are hidden unless ``verbose=true``
 _THIRD_PARTY = (
@@ -40,10 +40,25 @@ TASKS = {
 }
 
 
+class SweepPointFailed(UserError):
+    """One point of a multirun failed with a user error; the sweep goes on and exits non-zero at the end."""
+
+
+def _in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
+    except ValueError:  # not inside a Hydra app
+        return False
+
+
 def run_task(cfg: Any) -> Any:
     """Dispatch ``cfg.task``; a :class:`UserError` prints ``error: <one line>`` and exits with 2.
 
-    Set ``LPOSS_DEBUG=1`` (or Hydra's ``HYDRA_FULL_ERROR=1``) to get the traceback of user errors too.
+    In a multirun the failing point is reported the same way and raised as :class:`SweepPointFailed`, so
+    Hydra runs the other points and the sweep exits non-zero at the end. Set ``LPOSS_DEBUG=1`` (or Hydra's
+    ``HYDRA_FULL_ERROR=1``) to get the traceback of user errors too.
     """
     debug = os.environ.get("LPOSS_DEBUG") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1"
     quiet_third_party(verbose=bool(cfg.get("verbose", False)))
@@ -56,8 +71,24 @@ def run_task(cfg: Any) -> Any:
         if debug:
             raise
         msg = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        if _in_multirun():
+            raise SweepPointFailed(msg) from None
         sys.exit(2)
+
+
+def objective(result: Any, metric: str | None) -> Any:
+    """What ``run.py`` returns to Hydra: ``result[metric]`` for an optimising sweeper, else ``result``."""
+    if not metric or not isinstance(result, dict):
+        return result
+    if metric not in result:
+        raise ConfigError(
+            f"optimized_metric={metric!r} is not in the task's results; valid: {', '.join(result)}"
+        )
+    value = result[metric]
+    if value is None:
+        raise UserError(f"the run gave no {metric} (no image scored); this sweep point cannot be ranked")
+    return float(value)
 
 
 def quiet_third_party(verbose: bool = False) -> None:
@@ -68,6 +99,8 @@ def quiet_third_party(verbose: bool = False) -> None:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(level)
     if not verbose:
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # hub retries / warnings
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         for name in _THIRD_PARTY:
             logging.getLogger(name).setLevel(logging.ERROR)
         os.environ.setdefault("PYTHONWARNINGS", "ignore")  # DataLoader workers and spawned processes too

@@ -1,0 +1,163 @@
+"""The two floors: the library (lposs_lab/ minus lab/) never imports the lab or the lab's stack, and no
+module of the package imports another in a circle."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "lposs_lab"
+LAB_STACK = ("hydra", "omegaconf", "pytorch_lightning", "lightning", "torchmetrics", "datasets", "wandb")
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _all_modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _is_lab(name: str) -> bool:
+    return name == "lposs_lab.lab" or name.startswith("lposs_lab.lab.")
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """Every module ``name`` imports (absolute names; relative imports resolved), at any depth in the file."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                root = ".".join(base + ([node.module] if node.module else []))
+            else:
+                root = node.module or ""
+            out.add(root)
+            out.update(f"{root}.{alias.name}" for alias in node.names)
+    return out
+
+
+MODULES = _all_modules()
+LIBRARY = sorted(n for n in MODULES if not _is_lab(n))
+
+
+def test_the_scan_sees_both_floors():
+    assert "lposs_lab.predictor" in LIBRARY and "lposs_lab.models.registry" in LIBRARY
+    assert "lposs_lab.lab.module" in MODULES and "lposs_lab.lab.tasks.evaluate" in MODULES
+    assert not any(_is_lab(n) for n in LIBRARY)
+
+
+@pytest.mark.parametrize("name", LIBRARY)
+def test_library_module_imports_neither_the_lab_nor_its_stack(name):
+    bad = sorted(
+        imp for imp in _imports(name, MODULES[name])
+        if _is_lab(imp) or imp.split(".")[0] in LAB_STACK
+    )
+    assert not bad, f"{name} imports {bad}"
+
+
+def test_library_imports_cleanly_without_loading_the_lab_stack():
+    # timm imports wandb by itself: only what the library adds on top of its own dependencies counts
+    code = (
+        "import importlib, sys\n"
+        "import torch, timm, open_clip, huggingface_hub, safetensors, cv2, PIL, numpy\n"
+        "before = set(sys.modules)\n"
+        f"names = {LIBRARY!r}\n"
+        "for n in names:\n"
+        "    if n.endswith(('triton_stencil', 'numba_stencil', 'numba_solver')):\n"
+        "        continue  # import numba/triton on first use; checked by the AST scan\n"
+        "    importlib.import_module(n)\n"
+        "new = set(sys.modules) - before\n"
+        f"loaded = sorted(m for m in new if m.split('.')[0] in {LAB_STACK!r} or m.startswith('lposs_lab.lab'))\n"
+        "assert 'lposs_lab.predictor' in sys.modules\n"
+        "print(loaded)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def _package_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for name, path in MODULES.items():
+        deps = set()
+        for imp in _imports(name, path):
+            # an import of a.b.c depends on the deepest package module that exists
+            parts = imp.split(".")
+            while parts and ".".join(parts) not in MODULES:
+                parts.pop()
+            if parts and ".".join(parts) != name:
+                deps.add(".".join(parts))
+        graph[name] = deps
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _is_package_init(name: str) -> bool:
+    return MODULES[name].name == "__init__.py"
+
+
+def test_no_import_cycles_between_modules():
+    graph = _package_graph()
+    # A package's __init__ re-exporting its submodules is not a dependency of those submodules on it.
+    for name in list(graph):
+        if _is_package_init(name):
+            continue
+        graph[name] = {d for d in graph[name] if not (_is_package_init(d) and name.startswith(d + "."))}
+    assert _cycles(graph) == []
+
+
+def test_cycle_finder_finds_a_planted_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_backwards_imports_from_library_to_lab_even_lazily():
+    # lazy imports inside functions are seen by ast.walk too
+    offenders = {n: sorted(i for i in _imports(n, MODULES[n]) if _is_lab(i)) for n in LIBRARY}
+    assert {n: v for n, v in offenders.items() if v} == {}
