@@ -32,15 +32,18 @@ def _voc_colour(i: int) -> tuple[int, int, int]:
 def palette(n: int = 256) -> np.ndarray:
     """Class colours ``[n, 3]`` uint8: the PASCAL VOC colour map without its black (every class visible).
 
-    Class ``i`` gets VOC colour ``i + 1`` (class 0 is dark red, not the black that reads as shadow in an
-    overlay); colours darker than 64 in every channel are lifted by 64. Entry 255 (no class / unknown) is
-    light grey.
+    Class colours are the VOC colours in order, skipping those darker than 64 in every channel (black
+    reads as shadow in an overlay): class 0 is VOC colour 1 (dark red). Entry 255 (no class / unknown)
+    is light grey. All colours are distinct.
     """
     out = np.zeros((n, 3), dtype=np.uint8)
+    index = 0
     for i in range(n):
-        rgb = np.array(_voc_colour(i + 1), dtype=np.int64)
-        if rgb.max() < 64:
-            rgb = rgb + 64
+        while True:
+            index += 1
+            rgb = _voc_colour(index)
+            if max(rgb) >= 64:
+                break
         out[i] = rgb
     if n > 255:
         out[255] = NO_CLASS_COLOUR

@@ -32,7 +32,9 @@ from .tables import (
 
 __all__ = [
     "load_runs",
+    "load_searches",
     "load_wandb_runs",
+    "search_table",
     "markdown_report",
     "sweep_series",
     "plot_sweep",
@@ -62,6 +64,50 @@ def load_runs(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
         run["_source"] = str(f)
         runs.append(run)
     return runs
+
+
+def load_searches(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """The Optuna searches under ``paths``: each ``optimization_results.yaml`` the Hydra Optuna sweeper wrote.
+
+    Returns ``[{"name", "best_value", "best_params", "_source"}]`` sorted by path; folders without a search
+    give nothing. Unreadable files raise ``ValueError`` naming the file.
+    """
+    from omegaconf import OmegaConf
+
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(p.rglob("optimization_results.yaml"))
+        elif p.name == "optimization_results.yaml":
+            files.append(p)
+    out = []
+    for f in sorted(set(files)):
+        try:
+            data = OmegaConf.to_container(OmegaConf.load(f))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read {f}: {exc}") from exc
+        if not isinstance(data, dict) or "best_params" not in data:
+            raise ValueError(f"{f} is not an Optuna result (no best_params)")
+        out.append({"name": data.get("name", "optuna"), "best_value": data.get("best_value"),
+                    "best_params": dict(data["best_params"]), "_source": str(f)})
+    return out
+
+
+def search_table(searches: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: one row per search, its best value and the best point's parameters."""
+    keys = sorted({k for s in searches for k in s["best_params"]})
+    lines = ["| search | best mIoU | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
+    for s in searches:
+        folder = Path(s["_source"]).parent
+        cells = [_param(s["best_params"].get(k)) for k in keys]
+        lines.append(f"| {folder} | {_fmt(s['best_value'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _param(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def load_wandb_runs(project: str, entity: str | None = None, *, filters: Mapping[str, Any] | None = None
@@ -100,9 +146,17 @@ def _fmt(x: Any) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{float(x):.1f}"
 
 
-def markdown_report(runs: Sequence[Mapping[str, Any]], *, figures: dict[str, str] | None = None) -> str:
-    """The whole report: one section per table (mIoU, and Boundary IoU when present), then the figures."""
+def markdown_report(
+    runs: Sequence[Mapping[str, Any]],
+    *,
+    figures: dict[str, str] | None = None,
+    searches: Sequence[Mapping[str, Any]] = (),
+) -> str:
+    """The whole report: one section per table (mIoU, and Boundary IoU when present), the Optuna searches'
+    best points, then the figures."""
     parts = ["# lposs_lab report", "", f"{len(runs)} run(s).", ""]
+    if searches:
+        parts += ["## Searches (best point of each)", "", search_table(searches), ""]
     for table, group in group_runs(runs).items():
         parts += [f"## {table}", "", "mIoU (%)", "", results_table(group, "mIoU").to_markdown(), ""]
         if any("boundary_iou" in r for r in group):
@@ -227,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         runs = load_runs(args.paths)
+        searches = load_searches(args.paths)
         if args.wandb:
             runs += load_wandb_runs(args.wandb, args.entity)
     except ValueError as exc:
@@ -240,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = Path(args.out).resolve().parent
         rel = {k: Path(v).resolve() for k, v in figures.items()}
         figures = {k: str(p.relative_to(base)) if p.is_relative_to(base) else str(p) for k, p in rel.items()}
-    text = markdown_report(runs, figures=figures)
+    text = markdown_report(runs, figures=figures, searches=searches)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")

@@ -122,12 +122,14 @@ def varying_keys(runs: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def _row_label(run: Mapping[str, Any], varying: Sequence[str]) -> str:
     info = run_info(run)
+    # runs made with random-init weights say so in every table (their numbers are meaningless)
+    mark = " (random init)" if run.get("random_init") else ""
     if not varying:
-        return info["row"]
+        return info["row"] + mark
     has_row = bool(((run.get("config") or {}).get("report") or {}).get("row"))
     base = info["row"] if has_row else method_label(str(run.get("method")))
     ov = run_overrides(run)
-    return base + " [" + ", ".join(f"{k}={ov.get(k, '-')}" for k in varying) + "]"
+    return base + " [" + ", ".join(f"{k}={ov.get(k, '-')}" for k in varying) + "]" + mark
 
 
 def _fmt(x: Any) -> str:
