@@ -15,7 +15,7 @@ import pytest
 import torch
 from model_fixtures import tiny_clip, tiny_timm
 
-from lposs_lab.models import DenseCLIP, ProxyCLIP, SCCLIP, ViTValueEncoder
+from lposs_lab.models import SCCLIP, DenseCLIP, ProxyCLIP, ViTValueEncoder
 from lposs_lab.models.clip_dense import clip_trunk
 from lposs_lab.models.proxyclip import proxy_attention
 
@@ -323,7 +323,7 @@ def ref_scclip(ref: RefCLIP, images):
         logit = 3.0 * (c9 - c9.mean())
         a_mid = softmax(torch.where(logit >= 0, logit, torch.full_like(logit, -math.inf)))
 
-        def branch(rows, cls):
+        def branch(rows, cls, a_mid=a_mid, m_post=m_post):
             _, k, v = ref.qkv(i, rows[None])
             a = 0.5 * (a_mid + softmax(k.shape[-1] ** -0.5 * k @ k.transpose(-1, -2)))
             return m_post @ (ref.out(i, a, v)[0] + 0.3 * cls)

@@ -344,16 +344,20 @@ class DenseClipVLM(OpenClipVLM):
         pretrained: Pretrained = True,
         *,
         vfm_pretrained: Pretrained | str = "same",
+        vfm_arch: dict[str, Any] | None = None,
         **arch_overrides: Any,
     ) -> nn.Module:
-        """Build the encoder; ``vfm_pretrained`` (ProxyCLIP): the VFM's weights, ``"same"`` meaning the
-        registry's weights when ``pretrained`` is not False/None and random init otherwise."""
+        """Build the encoder. ProxyCLIP only: ``vfm_pretrained`` gives the VFM's weights (``"same"``: the
+        registry's when ``pretrained`` is not False/None, random init otherwise), ``vfm_arch`` its timm
+        arch overrides (merged over ``self.vfm_arch``)."""
         from .clip_dense import DENSE_METHODS, DenseCLIP
         from .proxyclip import ProxyCLIP
         from .scclip import SCCLIP
 
         model, weights_id = self.build(pretrained, **arch_overrides)
         text = {"tokenizer_name": self.model_name}
+        if self.method != "proxyclip" and (vfm_arch is not None or vfm_pretrained != "same"):
+            raise ValueError(f"'{self.name}' has no VFM: vfm_pretrained/vfm_arch are for ProxyCLIP only")
         if self.method in DENSE_METHODS:
             return DenseCLIP(model, weights_id, method=self.method, **text)
         if self.method == "scclip":
@@ -363,7 +367,7 @@ class DenseClipVLM(OpenClipVLM):
                 raise ValueError(f"'{self.name}' has no VFM")
             if isinstance(vfm_pretrained, str) and vfm_pretrained == "same":
                 vfm_pretrained = pretrained is not None and pretrained is not False
-            vfm = VM_MODELS[self.vfm](vfm_pretrained, **self.vfm_arch)
+            vfm = VM_MODELS[self.vfm](vfm_pretrained, **merge_arch(self.vfm_arch, vfm_arch or {}))
             if not isinstance(vfm, ViTValueEncoder):
                 raise TypeError(f"VFM '{self.vfm}' is not a ViTValueEncoder")
             vfm.pos_embed_mode = "dino"  # DINO's own (g + 0.1) / g0 interpolation, PREDICTORS.md §4
