@@ -264,6 +264,11 @@ class LPOSS:
         shared = self.vm is self.vlm
         for start in range(0, crops.shape[0], self.batch_size):
             batch = crops[start : start + self.batch_size].to(self.encoder_dtype)
+            pair = None if shared else _shared_vfm_pass(self.vlm, self.vm, batch)
+            if pair is not None:  # ProxyCLIP whose VFM is the VM: one DINO pass gives both
+                vm_feats.append(pair[0].float())
+                vlm_feats.append(pair[1].float())
+                continue
             vlm_feats.append(self.vlm(batch).float())
             if not shared:
                 vm_feats.append(self.vm(batch).float())
@@ -412,6 +417,14 @@ def labels_to_numpy(pred: Prediction) -> np.ndarray:
     """The label map as an ``[H, W]`` uint8 (<= 255 classes) or uint16 numpy array."""
     arr = pred.labels.numpy()
     return arr.astype(np.uint8 if len(pred.class_names) <= 255 else np.uint16)
+
+
+def _shared_vfm_pass(vlm: nn.Module, vm: nn.Module, batch: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(vm features, vlm features)`` from one VM pass when the VLM is ProxyCLIP over the VM's own DINO
+    (same ``weights_id``), else ``None`` (see :func:`lposs_lab.models.proxyclip.shared_vfm_forward`)."""
+    from .models.proxyclip import shared_vfm_forward
+
+    return shared_vfm_forward(vlm, vm, batch)
 
 
 def _pretrained(value: Any) -> Any:

@@ -1,7 +1,10 @@
-"""Encoders: DINO-family value features (VM), MaskCLIP dense features and text embeddings (VLM)."""
+"""Encoders: DINO-family value features (VM); MaskCLIP, SCLIP, ClearCLIP, NACLIP, ProxyCLIP, SC-CLIP dense
+features and text embeddings (VLM)."""
 
+from .clip_dense import DenseCLIP
 from .dino import ViTValueEncoder
 from .maskclip import MaskCLIP
+from .proxyclip import ProxyCLIP
 from .registry import (
     VLM_MODELS,
     VM_MODELS,
@@ -10,6 +13,7 @@ from .registry import (
     create_vlm,
     create_vm,
 )
+from .scclip import SCCLIP
 
 __all__ = [
     "create_vm",
@@ -20,4 +24,7 @@ __all__ = [
     "WeightsMismatchError",
     "ViTValueEncoder",
     "MaskCLIP",
+    "DenseCLIP",
+    "ProxyCLIP",
+    "SCCLIP",
 ]

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
+from .posembed import resize_pos_embed_by_scale
+
 __all__ = ["ViTValueEncoder", "pad_to_multiple", "check_images"]
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -65,6 +67,9 @@ class ViTValueEncoder(nn.Module):
         std: per-channel normalisation std; default the model's ``pretrained_cfg`` (ImageNet).
         pos_embed_antialias: passed to ``resample_abs_pos_embed`` (timm's dynamic-size default: True;
             only matters when the grid is smaller than the model's native one, e.g. DINOv2 at 224).
+        pos_embed_mode: ``"timm"`` (default: timm's size-based resample) or ``"dino"`` (DINO's hub code:
+            bicubic with scale factor ``(g + 0.1) / g0``, PREDICTORS.md §4, used by ProxyCLIP's VFM).
+            Both leave the native grid (224 windows for patch 16) untouched.
 
     Attributes:
         patch_size: the (square) patch size P.
@@ -80,6 +85,7 @@ class ViTValueEncoder(nn.Module):
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
         pos_embed_antialias: bool = True,
+        pos_embed_mode: str = "timm",
     ) -> None:
         super().__init__()
         for attr in ("patch_embed", "blocks", "pos_embed", "num_prefix_tokens"):
@@ -102,6 +108,9 @@ class ViTValueEncoder(nn.Module):
         self.embed_dim: int = last_attn.qkv.out_features // 3
         self.native_grid: tuple[int, int] = _pair(model.patch_embed.grid_size)
         self.pos_embed_antialias = bool(pos_embed_antialias)
+        if pos_embed_mode not in ("timm", "dino"):
+            raise ValueError(f"pos_embed_mode must be 'timm' or 'dino', got {pos_embed_mode!r}")
+        self.pos_embed_mode = pos_embed_mode
         cfg = getattr(model, "pretrained_cfg", None) or {}
         mean = tuple(mean if mean is not None else cfg.get("mean", _IMAGENET_MEAN))
         std = tuple(std if std is not None else cfg.get("std", _IMAGENET_STD))
@@ -130,7 +139,11 @@ class ViTValueEncoder(nn.Module):
         if m.pos_embed is None:
             return torch.cat([*prefix, tokens], dim=1), gh, gw
         pos = m.pos_embed
-        if (gh, gw) != self.native_grid:
+        if (gh, gw) != self.native_grid and self.pos_embed_mode == "dino":
+            pos = resize_pos_embed_by_scale(
+                pos, self.native_grid, (gh, gw), num_prefix=0 if no_embed_class else m.num_prefix_tokens
+            )
+        elif (gh, gw) != self.native_grid:
             pos = resample_abs_pos_embed(
                 pos,
                 new_size=[gh, gw],
@@ -146,15 +159,8 @@ class ViTValueEncoder(nn.Module):
             tokens = torch.cat([*prefix, tokens], dim=1) + pos
         return tokens, gh, gw
 
-    def forward(self, images: Tensor) -> Tensor:
-        """Value features of the last block for every patch.
-
-        Args:
-            images: ``[B, 3, h, w]`` float RGB in ``[0, 1]``.
-
-        Returns:
-            ``[B, gh, gw, D]`` float32, L2-normalised along D; ``gh = ceil(h / P)``, ``gw = ceil(w / P)``.
-        """
+    def _to_last_block(self, images: Tensor) -> tuple[Tensor, int, int]:
+        """Embed, run all but the last block: ``[B, 3, h, w] -> ([B, n_prefix + gh*gw, C], gh, gw)``."""
         check_images(images)
         m = self.model
         x = pad_to_multiple(images.float(), self.patch_size)
@@ -165,15 +171,53 @@ class ViTValueEncoder(nn.Module):
         x = m.norm_pre(x) if hasattr(m, "norm_pre") else x
         for block in m.blocks[:-1]:
             x = block(x)
-        last = m.blocks[-1]
+        return x, gh, gw
+
+    def _values(self, x: Tensor, gh: int, gw: int) -> Tensor:
+        """L2-normalised ``v`` third of the last block's qkv, patch tokens: ``[B, gh, gw, D]`` float32."""
+        last = self.model.blocks[-1]
         y = last.norm1(x)
         qkv = last.attn.qkv
         dim = self.embed_dim
         bias = None if qkv.bias is None else qkv.bias[2 * dim : 3 * dim]
         v = F.linear(y, qkv.weight[2 * dim : 3 * dim], bias)  # [B, n_prefix + gh*gw, D]
-        v = v[:, m.num_prefix_tokens :].float()
+        v = v[:, self.model.num_prefix_tokens :].float()
         v = v.reshape(v.shape[0], gh, gw, dim)
         return F.normalize(v, dim=-1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Value features of the last block for every patch.
+
+        Args:
+            images: ``[B, 3, h, w]`` float RGB in ``[0, 1]``.
+
+        Returns:
+            ``[B, gh, gw, D]`` float32, L2-normalised along D; ``gh = ceil(h / P)``, ``gw = ceil(w / P)``.
+        """
+        x, gh, gw = self._to_last_block(images)
+        return self._values(x, gh, gw)
+
+    def values_and_tokens(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The value features of :meth:`forward` and the final-normed output tokens, from one pass.
+
+        The blocks run once; the last block's input gives the values (its ``v`` projection is applied
+        once more beside the block itself, ~1% of the cost), the last block's output after the model's
+        final norm (``model.norm``, DINO: LayerNorm eps 1e-6) gives the tokens (ProxyCLIP's proxy, §4).
+
+        Args:
+            images: ``[B, 3, h, w]`` float RGB in ``[0, 1]``.
+
+        Returns:
+            ``(values, tokens)``: ``values`` ``[B, gh, gw, D]`` float32 L2-normalised (== ``forward``);
+            ``tokens`` ``[B, gh, gw, D]`` float32, prefix tokens dropped, **not** L2-normalised.
+        """
+        x, gh, gw = self._to_last_block(images)
+        values = self._values(x, gh, gw)
+        m = self.model
+        out = m.blocks[-1](x)
+        out = m.norm(out) if hasattr(m, "norm") else out
+        tokens = out[:, m.num_prefix_tokens :].float().reshape(out.shape[0], gh, gw, -1)
+        return values, tokens
 
     def extra_repr(self) -> str:
         return f"patch_size={self.patch_size}, embed_dim={self.embed_dim}, weights_id={self.weights_id!r}"

@@ -1,4 +1,4 @@
-"""Named encoders and their weights: ``create_vm`` (DINO family) and ``create_vlm`` (MaskCLIP).
+"""Named encoders and their weights: ``create_vm`` (DINO family) and ``create_vlm`` (MaskCLIP & co).
 
 ``pretrained`` everywhere means:
 
@@ -30,7 +30,15 @@ from .dino import ViTValueEncoder
 from .hub import hf_offline as _hf_offline
 from .hub import hub_reachable
 from .maskclip import MaskCLIP
-from .tiny import TINY_CLIP_ARCH, TINY_SEED, TINY_VIT_ARCH, merge_arch, seeded
+from .tiny import (
+    TINY_CLIP_ARCH,
+    TINY_QUICKGELU_CLIP_ARCH,
+    TINY_SCCLIP_ARCH,
+    TINY_SEED,
+    TINY_VIT_ARCH,
+    merge_arch,
+    seeded,
+)
 
 __all__ = ["WeightsUnavailableError", "WeightsMismatchError", "create_vm", "create_vlm", "VM_MODELS"]
 __all__ += ["VLM_MODELS", "parse_hf_hub", "load_checkpoint_file"]
@@ -278,7 +286,8 @@ class OpenClipVLM:
         safe = (filename.rsplit(".", 1)[0] + ".safetensors",) if filename.endswith((".bin", ".pth")) else ()
         return repo_id, (*safe, filename)
 
-    def __call__(self, pretrained: Pretrained = True, **arch_overrides: Any) -> MaskCLIP:
+    def build(self, pretrained: Pretrained = True, **arch_overrides: Any) -> tuple[nn.Module, str]:
+        """The open_clip ``CLIP`` (weights loaded strictly) and its weights id ``name:source[#arch=...]``."""
         import open_clip
         from open_clip.model import CLIP
 
@@ -306,11 +315,58 @@ class OpenClipVLM:
             if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:
                 sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
             _load_strict(model, sd, str(path), self.name)
-        return MaskCLIP(
-            model,
-            f"{self.name}:{_with_overrides(weights_id, arch_overrides)}",
-            tokenizer_name=self.model_name,
-        )
+        return model, f"{self.name}:{_with_overrides(weights_id, arch_overrides)}"
+
+    def __call__(self, pretrained: Pretrained = True, **arch_overrides: Any) -> MaskCLIP:
+        model, weights_id = self.build(pretrained, **arch_overrides)
+        return MaskCLIP(model, weights_id, tokenizer_name=self.model_name)
+
+
+@dataclass(frozen=True)
+class DenseClipVLM(OpenClipVLM):
+    """A training-free dense-CLIP VLM (PREDICTORS.md): SCLIP, ClearCLIP, NACLIP, ProxyCLIP or SC-CLIP.
+
+    ``vfm`` (ProxyCLIP only) names the VM registry entry of the proxy model; ``vfm_arch`` its arch overrides.
+    """
+
+    method: str = "sclip"
+    vfm: str | None = None
+    vfm_arch: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(
+        self,
+        pretrained: Pretrained = True,
+        *,
+        vfm_pretrained: Pretrained | str = "same",
+        vfm_arch: dict[str, Any] | None = None,
+        **arch_overrides: Any,
+    ) -> nn.Module:
+        """Build the encoder. ProxyCLIP only: ``vfm_pretrained`` gives the VFM's weights (``"same"``: the
+        registry's when ``pretrained`` is not False/None, random init otherwise), ``vfm_arch`` its timm
+        arch overrides (merged over ``self.vfm_arch``)."""
+        from .clip_dense import DENSE_METHODS, DenseCLIP
+        from .proxyclip import ProxyCLIP
+        from .scclip import SCCLIP
+
+        model, weights_id = self.build(pretrained, **arch_overrides)
+        text = {"tokenizer_name": self.model_name}
+        if self.method != "proxyclip" and (vfm_arch is not None or vfm_pretrained != "same"):
+            raise ValueError(f"'{self.name}' has no VFM: vfm_pretrained/vfm_arch are for ProxyCLIP only")
+        if self.method in DENSE_METHODS:
+            return DenseCLIP(model, weights_id, method=self.method, **text)
+        if self.method == "scclip":
+            return SCCLIP(model, weights_id, **text)
+        if self.method == "proxyclip":
+            if self.vfm is None:
+                raise ValueError(f"'{self.name}' has no VFM")
+            if isinstance(vfm_pretrained, str) and vfm_pretrained == "same":
+                vfm_pretrained = pretrained is not None and pretrained is not False
+            vfm = VM_MODELS[self.vfm](vfm_pretrained, **merge_arch(self.vfm_arch, vfm_arch or {}))
+            if not isinstance(vfm, ViTValueEncoder):
+                raise TypeError(f"VFM '{self.vfm}' is not a ViTValueEncoder")
+            vfm.pos_embed_mode = "dino"  # DINO's own (g + 0.1) / g0 interpolation, PREDICTORS.md §4
+            return ProxyCLIP(model, weights_id, vfm=vfm, **text)
+        raise ValueError(f"unknown dense CLIP method {self.method!r}")
 
 
 VM_MODELS: dict[str, Callable[..., ViTValueEncoder]] = {
@@ -324,12 +380,34 @@ VM_MODELS: dict[str, Callable[..., ViTValueEncoder]] = {
                           description="tiny random ViT, patch 16, 64-d: meaningless features, tests only"),
 }  # fmt: skip
 
-VLM_MODELS: dict[str, Callable[..., MaskCLIP]] = {
+VLM_MODELS: dict[str, Callable[..., nn.Module]] = {
     "maskclip_b16": OpenClipVLM("maskclip_b16", "ViT-B-16", "laion2b_s34b_b88k",
                                 description="MaskCLIP on OpenCLIP ViT-B-16 laion2b_s34b_b88k"),
     "tiny_random": OpenClipVLM("tiny_random", "ViT-B-16", None, base_arch=TINY_CLIP_ARCH,
                                description="tiny random CLIP, 32-d: meaningless features, tests only"),
 }  # fmt: skip
+
+_DENSE_DESCRIPTIONS = {
+    "sclip": "SCLIP (softmax(qq)+softmax(kk), residual and FFN kept)",
+    "clearclip": "ClearCLIP (softmax(qq), no residual, no FFN)",
+    "naclip": "NACLIP (softmax(kk + Gaussian), no residual, no FFN)",
+    "proxyclip": "ProxyCLIP (DINO ViT-B/16 proxy attention)",
+    "scclip": "SC-CLIP (LOF fill, mixing, multi-level)",
+}
+for _method, _text in _DENSE_DESCRIPTIONS.items():
+    _vfm = "dino_b16" if _method == "proxyclip" else None
+    VLM_MODELS[f"{_method}_b16"] = DenseClipVLM(
+        f"{_method}_b16", "ViT-B-16-quickgelu", "openai", method=_method, vfm=_vfm,
+        description=f"{_text} on OpenAI CLIP ViT-B/16 (ViT-B-16-quickgelu / openai)",
+    )
+for _method, _text in _DENSE_DESCRIPTIONS.items():
+    _vfm = "tiny_random" if _method == "proxyclip" else None
+    VLM_MODELS[f"{_method}_tiny_random"] = DenseClipVLM(
+        f"{_method}_tiny_random", "ViT-B-16-quickgelu", None, method=_method, vfm=_vfm,
+        base_arch=TINY_SCCLIP_ARCH if _method == "scclip" else TINY_QUICKGELU_CLIP_ARCH,
+        description=f"tiny random quick-GELU CLIP for {_method}: meaningless features, tests only",
+    )
+del _method, _text, _vfm
 
 
 def _finish(encoder: nn.Module, device: torch.device | str | None, dtype: torch.dtype | None) -> Any:
@@ -382,10 +460,13 @@ def create_vlm(
     dtype: torch.dtype | None = None,
     **arch_overrides: Any,
 ) -> MaskCLIP:
-    """Build a VLM (MaskCLIP) by registry name, frozen, in eval mode, on ``device``.
+    """Build a VLM by registry name, frozen, in eval mode, on ``device``.
 
     Args:
-        name: one of ``VLM_MODELS`` (``maskclip_b16``, ``tiny_random``).
+        name: one of ``VLM_MODELS``: ``maskclip_b16``, ``tiny_random`` (MaskCLIP); ``sclip_b16``,
+            ``clearclip_b16``, ``naclip_b16``, ``proxyclip_b16``, ``scclip_b16`` (PREDICTORS.md, OpenAI
+            ``ViT-B-16-quickgelu``; ProxyCLIP adds a DINO ViT-B/16 VFM, ``vfm_pretrained=`` for its
+            weights) and their ``*_tiny_random`` twins. All share MaskCLIP's interface.
         pretrained: see the module docstring.
         device: where to put the model.
         dtype: optional parameter dtype; outputs stay float32.

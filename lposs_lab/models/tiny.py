@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["TINY_VIT_ARCH", "TINY_CLIP_ARCH", "TINY_SEED", "seeded", "merge_arch"]
+__all__ = ["TINY_VIT_ARCH", "TINY_CLIP_ARCH", "TINY_QUICKGELU_CLIP_ARCH", "TINY_SCCLIP_ARCH", "TINY_SEED"]
+__all__ += ["seeded", "merge_arch"]
 
 TINY_SEED = 0
 
@@ -26,6 +27,15 @@ TINY_CLIP_ARCH: dict[str, Any] = {
     "embed_dim": 32,
     "vision_cfg": {"layers": 2, "width": 64, "head_width": 32, "patch_size": 16, "image_size": 224},
     "text_cfg": {"layers": 2, "width": 32, "heads": 2, "context_length": 77, "vocab_size": 49408},
+}
+
+#: ``TINY_CLIP_ARCH`` with QuickGELU (the OpenAI CLIP activation of SCLIP, ClearCLIP, NACLIP, ProxyCLIP).
+TINY_QUICKGELU_CLIP_ARCH: dict[str, Any] = {**copy.deepcopy(TINY_CLIP_ARCH), "quick_gelu": True}
+
+#: The same with 12 vision blocks: SC-CLIP reads block outputs 4..11 of ViT-B/16.
+TINY_SCCLIP_ARCH: dict[str, Any] = {
+    **copy.deepcopy(TINY_QUICKGELU_CLIP_ARCH),
+    "vision_cfg": {**TINY_CLIP_ARCH["vision_cfg"], "layers": 12},
 }
 
 
