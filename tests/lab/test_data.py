@@ -16,7 +16,12 @@ from PIL import Image
 from synthetic_data import EXTRA_ID, expected_ids, make_dataset
 
 from lposs_lab.lab.data import BENCHMARKS, DatasetError, SegmentationDataset, collate_samples, get_benchmark
-from lposs_lab.lab.data.coco_object import COCO_THING_IDS, convert_coco_stuff_to_object, convert_label_map, main
+from lposs_lab.lab.data.coco_object import (
+    COCO_THING_IDS,
+    convert_coco_stuff_to_object,
+    convert_label_map,
+    main,
+)
 from lposs_lab.lab.data.index import build_index, index_path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -297,10 +302,9 @@ def test_cli_bad_input_exit_codes(tmp_path, capsys):
     assert exc.value.code == 2
 
 
+@pytest.mark.slow
 def test_cli_as_module_fails_in_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    bad = subprocess.run(
-        [sys.executable, "-m", "lposs_lab.lab.data.coco_object", str(tmp_path / "nope"), str(tmp_path / "dst")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
-    )  # fmt: skip
+    cmd = [sys.executable, "-m", "lposs_lab.lab.data.coco_object", str(tmp_path / "nope"), str(tmp_path / "dst")]
+    bad = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert bad.returncode == 1 and bad.stderr.strip().startswith("error:") and "Traceback" not in bad.stderr

@@ -13,11 +13,11 @@ from lposs_lab import LPOSS, LPOSSConfig, PixelConfig, WindowConfig
 TINY = ["vm=tiny_random", "vlm=tiny_random", "device=cpu", "window.short_side=112"]
 
 
-def run(repo, tmp_path, *args):
+def run(repo, tmp_path, *args, task="segment"):
     cmd = [
         sys.executable,
         str(repo / "run.py"),
-        "task=segment",
+        *([f"task={task}"] if task else []),
         *TINY,
         f"hydra.run.dir={tmp_path / 'hydra'}",
         *args,
@@ -40,31 +40,42 @@ def _img(tmp_path, name="img.png", size=(40, 30), mode="RGB"):
     return path
 
 
+@pytest.mark.slow
 def test_segment_end_to_end_writes_label_overlay_and_scores(repo_root, tmp_path):
     img = _img(tmp_path, size=(64, 48))
     out = tmp_path / "out"
+    # no task=: an image= run segments
     res = run(
-        repo_root, tmp_path, f"image={img}", 'classes="cat,dog;puppy,sky"', f"out={out}", "save_scores=true"
+        repo_root, tmp_path, f"image={img}", 'classes="cat,dog;puppy,sky"', f"out={out}", "save_scores=true",
+        task=None,
     )
     assert res.returncode == 0, res.stderr
-    label = Image.open(out / "img.png")
+    label = Image.open(out / "img.labels.png")
     assert label.mode == "P" and label.size == (64, 48)
     assert set(np.unique(np.asarray(label))) <= {0, 1, 2}
-    overlay = Image.open(out / "img_overlay.png")
+    overlay = Image.open(out / "img.overlay.png")
     assert overlay.size[1] >= 48 and overlay.size[0] > 64  # legend on the right
-    scores = np.load(out / "img_scores.npz")
+    scores = np.load(out / "img.scores.npz")
     assert scores["scores"].shape == (3, 48, 64) and list(scores["classes"]) == ["cat", "dog", "sky"]
     # labels are the argmax of the scores (float16 rounding may flip near-ties only)
     agree = (scores["scores"].astype(np.float32).argmax(0) == np.asarray(label)).mean()
     assert agree > 0.99
+    # and they are what the predictor of the same config gives in-process
+    direct = LPOSS.from_config(
+        LPOSSConfig(vm="tiny_random", vlm="tiny_random", device="cpu", window=WindowConfig(short_side=112)),
+        text_cache_dir=None,
+    )
+    want = direct.predict(np.asarray(Image.open(img).convert("RGB")), ["cat", "dog;puppy", "sky"]).labels
+    assert np.array_equal(np.asarray(label), want.numpy())
     summary = json.loads((out / "segment.json").read_text())
     assert summary["classes"] == ["cat", "dog;puppy", "sky"] and summary["method"] == "lposs_plus"
+    assert summary["images"][0]["outputs"]["labels"] == str(out / "img.labels.png")
     assert sum(summary["images"][0]["pixels_per_class"].values()) == 64 * 48
-    assert "img.png" in res.stdout
+    assert "img.labels.png" in res.stdout
     assert sorted(p.name for p in out.iterdir()) == [
-        "img.png",
-        "img_overlay.png",
-        "img_scores.npz",
+        "img.labels.png",
+        "img.overlay.png",
+        "img.scores.npz",
         "segment.json",
     ]
 
@@ -74,6 +85,7 @@ def _write(path, data):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("make", "classes", "message"),
     [
@@ -96,6 +108,7 @@ def test_bad_input_one_line_error_no_output(repo_root, tmp_path, make, classes, 
     assert not out.exists() or list(out.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_truncated_image_fails_cleanly(repo_root, tmp_path):
     good = _img(tmp_path, "good.png", size=(128, 128))
     data = good.read_bytes()

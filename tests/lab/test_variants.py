@@ -1,4 +1,8 @@
-"""Every paper variant as a config: it composes, maps onto the dataclasses, computes right, runs."""
+"""Every paper variant as a config: it composes, maps onto the dataclasses, and the predictor it builds gives
+the numbers of the same variant composed by hand from the library's stages (tests/support/pipeline.py).
+
+The variants' maths against the float64 reference is tested in tests/lib/test_predictor_variants.py.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +13,11 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from reference import ref_refine_patches, ref_refine_pixels, rel_err
+from pipeline import scores_by_hand
 
-from lposs_lab.config import LPOSSConfig, PixelConfig, WindowConfig
-from lposs_lab.models import create_vlm, create_vm
-from lposs_lab.pixels import refine_pixels
+from lposs_lab.config import LPConfig, LPOSSConfig, PixelConfig, WindowConfig
+from lposs_lab.lab.tasks.config import lposs_config, method_name
 from lposs_lab.predictor import LPOSS
-from lposs_lab.propagation import refine_patches
-from lposs_lab.lab.tasks.common import lposs_config, method_name
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 SMALL = ["window.short_side=48", "window.long_side=96"]
@@ -80,13 +81,17 @@ def test_config_group_resolves_onto_the_dataclasses(group, option):
         assert _field(config, dotted) == value, dotted
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
-def test_every_experiment_composes_for_evaluate_with_report_and_logger_tags(name):
-    cfg = _compose(_group_override("experiment", name), "dataset=voc")
+@pytest.mark.parametrize(  # _base.yaml is what the recipes share, not a recipe
+    "name", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if not p.stem.startswith("_"))
+)
+def test_every_experiment_composes_for_evaluate_with_report_tags_and_wandb_group(name):
+    cfg = _compose(_group_override("experiment", name), "dataset=voc", "logger=[csv,wandb]")
     assert cfg.task == "evaluate"
     assert cfg.report.table and cfg.report.experiment == name
-    assert cfg.logger.group == cfg.report.table and name in list(cfg.logger.tags)
-    lposs_config(cfg)  # maps onto the dataclasses
+    assert list(cfg.tags) == [cfg.report.table, name]
+    assert cfg.logger.wandb.group == name and list(cfg.logger.wandb.tags) == list(cfg.tags)  # one recipe
+    assert cfg.logger.csv._target_.endswith("CSVLogger")
+    lposs_config(cfg)  # maps onto the dataclasses (which validate every value)
 
 
 @pytest.mark.parametrize(
@@ -100,137 +105,72 @@ def test_hparams_search_is_a_multirun_sweep(name, param):
     assert cfg.report.x == param
 
 
-@pytest.mark.parametrize(
-    "kernel",
-    [{"appearance": "power"}, {"appearance": "exp", "sigma_a": 0.3}, {"spatial": "linear", "sigma": 0.004},
-     {"spatial": "none"}, {"appearance": "exp", "spatial": "none", "sigma_a": 0.5}],
-)
-def test_patch_kernel_variants_match_the_float64_reference(kernel):
-    g = torch.Generator().manual_seed(3)
-    n = 60
-    feats = torch.randn(n, 8, generator=g)
-    pos = torch.rand(n, 2, generator=g) * 200
-    y = torch.randn(n, 4, generator=g)
-    got = refine_patches(feats, pos, y, k=12, **kernel)
-    want = ref_refine_patches(feats.numpy(), pos.numpy(), y.numpy(), k=12, **kernel)
-    assert rel_err(got.numpy(), want) < 1e-4
-
-
-@pytest.mark.parametrize("feature", ["lab", "depth", "lab+depth"])
-@pytest.mark.parametrize("spatial", ["binary", "rbf"])
-def test_pixel_variants_match_the_float64_reference(feature, spatial):
-    from lposs_lab.models.depth import pixel_features
-
-    g = torch.Generator().manual_seed(5)
-    img = torch.rand(3, 12, 15, generator=g)
-    depth = torch.rand(12, 15, generator=g)
-    scores = torch.randn(3, 12, 15, generator=g)
-    feats = pixel_features(img, depth, feature, depth_weight=0.5)
-    assert feats.shape[0] == {"lab": 3, "depth": 1, "lab+depth": 4}[feature]
-    got = refine_pixels(img, scores, r=5, tau=0.05, spatial=spatial, sigma_s=2.0, features=feats)
-    ref_feats = None if feature == "lab" else feats.double().numpy()
-    if feature == "lab+depth":  # the reference's own Lab, plus the depth channel
-        from reference import ref_lab_features
-
-        ref_feats = np.concatenate([ref_lab_features(img.numpy()), 0.5 * depth.double().numpy()[None]])
-    want = ref_refine_pixels(img.numpy(), scores.numpy(), r=5, tau=0.05, spatial=spatial, sigma_s=2.0,
-                             features=ref_feats)
-    assert rel_err(got.numpy(), want) < 1e-3
-
-
-@pytest.fixture(scope="module")
-def encoders():
-    return create_vm("tiny_random", pretrained=False), create_vlm("tiny_random", pretrained=False)
-
-
 def _image() -> np.ndarray:
     return np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8)
 
 
-WIN = WindowConfig(size=32, stride=16, short_side=48, long_side=96)
+# a 40x56 image resized to 240x336: four windows of w224, one of w448; the pixel stage over 80k pixels
+# (and a 5x5 pixel neighbourhood, to keep it quick)
+VARIANT_SIZE = ["window.short_side=240", "window.long_side=336", "pixel.r=5"]
+BASE = LPOSSConfig(vm="tiny_random", vlm="tiny_random", device="cpu", pixel=PixelConfig(r=5),
+                   window=WindowConfig(size=224, stride=112, short_side=240, long_side=336))
+DEPTH = PixelConfig(r=5, feature="depth", depth_model="tiny_random")
+
+# overrides -> (the dataclasses they mean, written out here, and the method)
+VARIANT_RUNS = {
+    "window=none": (replace(BASE, window=replace(BASE.window, size=0)), "lposs_plus"),
+    "window=w448": (replace(BASE, window=replace(BASE.window, size=448, stride=224)), "lposs_plus"),
+    "window=ensemble": (replace(BASE, window=replace(BASE.window, ensemble=((448, 224),))), "lposs_plus"),
+    "window=per_window": (replace(BASE, window=replace(BASE.window, joint=False)), "lposs_plus"),
+    "vm=clip_b16": (replace(BASE, vm="clip_b16"), "lposs_plus"),
+    "pixel=depth,pixel.depth_model=tiny_random": (replace(BASE, pixel=DEPTH), "lposs_plus"),
+    "pixel=lab_depth,pixel.depth_model=tiny_random": (
+        replace(BASE, pixel=replace(DEPTH, feature="lab+depth")), "lposs_plus"
+    ),
+    "method=lposs,ADJ:exp": (replace(BASE, lp=LPConfig(appearance="exp", sigma_a=0.1)), "lposs"),
+    "method=lposs,ADJ:linear": (replace(BASE, lp=LPConfig(spatial="linear")), "lposs"),
+    "method=lposs,ADJ:no_spatial": (replace(BASE, lp=LPConfig(spatial="none")), "lposs"),
+    "ADJ:pixel_rbf": (replace(BASE, pixel=PixelConfig(r=5, spatial="rbf", sigma_s=6.0)), "lposs_plus"),
+    "method=maskclip": (BASE, "maskclip"),
+}
 
 
-def test_ensemble_is_the_mean_of_its_window_setups(encoders):
-    vm, vlm = encoders
-    win = replace(WIN, ensemble=((48, 24),))
-    cfg = LPOSSConfig(vm="tiny_random", vlm="tiny_random", device="cpu", window=win)
-    classes = ["a", "b", "c"]
-    ens = LPOSS(vm, vlm, cfg).predict(_image(), classes)
-    one = LPOSS(vm, vlm, replace(cfg, window=WIN)).predict(_image(), classes)
-    two = LPOSS(vm, vlm, replace(cfg, window=WindowConfig(48, 24, 48, 96))).predict(_image(), classes)
-    assert torch.allclose(ens.low_res_scores, (one.low_res_scores + two.low_res_scores) / 2, atol=1e-6)
+@pytest.fixture(scope="module")
+def default_scores():
+    """The variant-free setting's scores (LPOSS+ and LPOSS), to show that each variant changes them."""
+    out = {}
+    for method in ("lposs_plus", "lposs"):
+        model = LPOSS.from_config(BASE, method=method, text_cache_dir=None)
+        out[method] = model.predict(_image(), CLASSES).low_res_scores
+    return out
 
 
-def test_per_window_graphs_differ_from_the_joint_graph_and_equal_separate_solves(encoders):
-    vm, vlm = encoders
-    cfg = LPOSSConfig(vm="tiny_random", vlm="tiny_random", device="cpu", window=replace(WIN, joint=False))
-    model = LPOSS(vm, vlm, cfg, method="lposs")
-    model.set_classes(["a", "b"])
-    feats = model.extract(_image())
-    per, _ = model.propagate(feats)
-    joint_model = LPOSS(vm, vlm, replace(cfg, window=WIN), method="lposs")
-    joint_model.set_classes(["a", "b"])
-    joint, _ = joint_model.propagate(feats)
-    assert not torch.allclose(per, joint)
-    # window 0 alone as a one-window image gives that window's rows of the per-window result
-    from lposs_lab.windows import patch_positions
-
-    b, gh, gw, _ = feats.vm.shape
-    pos = patch_positions(feats.windows[:1], (gh, gw), 16)
-    y0 = feats.vlm[0].reshape(gh * gw, -1) @ model._text.T
-    x0 = refine_patches(feats.vm[0].reshape(gh * gw, -1), pos, y0, k=400)
-    assert b > 1 and x0.shape == (gh * gw, 2)
+CLASSES = ["sky", "tree;bush", "road"]
 
 
-def test_clip_b16_uses_the_vlm_features_as_graph_features(encoders):
-    vm, vlm = encoders
-    base = LPOSSConfig(vm="tiny_random", vlm="tiny_random", device="cpu", window=WIN)
-    clip = LPOSS(vlm, vlm, replace(base, vm="clip_b16"), method="lposs")
-    via_flag = LPOSS(vm, vlm, replace(base, lp=replace(base.lp, graph_features="vlm")), method="lposs")
-    dino = LPOSS(vm, vlm, base, method="lposs")
-    a = clip.predict(_image(), ["a", "b", "c"]).low_res_scores
-    b = via_flag.predict(_image(), ["a", "b", "c"]).low_res_scores
-    c = dino.predict(_image(), ["a", "b", "c"]).low_res_scores
-    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, c)
-    feats = clip.extract(_image())
-    assert feats.vm is feats.vlm  # one forward pass, shared
-
-
-def test_from_config_builds_clip_b16_and_depth_variants_offline():
-    cfg = LPOSSConfig(vm="clip_b16", vlm="tiny_random", device="cpu", window=WIN,
-                      pixel=PixelConfig(feature="lab+depth", depth_model="tiny_random"))
-    model = LPOSS.from_config(cfg)
-    assert model.vm is model.vlm and model.depth_model is not None
-    pred = model.predict(_image(), ["a", "b"])
-    assert pred.labels.shape == (40, 56) and torch.isfinite(pred.low_res_scores).all()
-    lab_only = LPOSS(model.vm, model.vlm, replace(cfg, pixel=PixelConfig()))
-    assert not torch.allclose(pred.low_res_scores, lab_only.predict(_image(), ["a", "b"]).low_res_scores)
-    with pytest.raises(ValueError, match="valid: lab, depth, lab\\+depth"):
-        LPOSS(model.vm, model.vlm, replace(cfg, pixel=PixelConfig(feature="rgb")))
-
-
-VARIANT_RUNS = [
-    ["window=none"], ["window=w448"], ["window=ensemble"], ["window=per_window"], ["vm=clip_b16"],
-    ["pixel=depth", "pixel.depth_model=tiny_random"], ["pixel=lab_depth", "pixel.depth_model=tiny_random"],
-    ["method=lposs", "ADJ:exp"], ["method=lposs", "ADJ:linear"], ["method=lposs", "ADJ:no_spatial"],
-    ["ADJ:pixel_rbf"], ["method=maskclip"],
-]
-
-
-@pytest.mark.parametrize("overrides", VARIANT_RUNS, ids=lambda o: "+".join(o))
-def test_every_variant_runs_end_to_end_with_tiny_models(overrides):
-    over = [_group_override("adjacency", o[4:]) if o.startswith("ADJ:") else o for o in overrides]
-    cfg = _compose(*over, "vlm=tiny_random", "device=cpu", *SMALL,
-                   *([] if "vm=clip_b16" in over else ["vm=tiny_random"]))
+@pytest.mark.parametrize("variant", sorted(VARIANT_RUNS))
+def test_every_variant_runs_end_to_end_and_equals_its_computation_by_hand(variant, default_scores):
+    over = [_group_override("adjacency", o[4:]) if o.startswith("ADJ:") else o for o in variant.split(",")]
+    extra = [] if "vm=clip_b16" in over else ["vm=tiny_random"]
+    cfg = _compose(*over, "vlm=tiny_random", "device=cpu", *VARIANT_SIZE, *extra)
     config = lposs_config(cfg)
-    model = LPOSS.from_config(config, method=method_name(cfg, config))
-    pred = model.predict(_image(), ["sky", "tree;bush", "road"])
-    assert pred.labels.shape == (40, 56)
-    assert pred.low_res_scores.shape[0] == 3 and torch.isfinite(pred.low_res_scores).all()
+    want_config, want_method = VARIANT_RUNS[variant]
+    assert config == want_config and method_name(cfg, config) == want_method
+    model = LPOSS.from_config(config, method=method_name(cfg, config), text_cache_dir=None)
+    pred = model.predict(_image(), CLASSES)
+    assert pred.labels.shape == (40, 56) and pred.class_names == ["sky", "tree", "road"]
+    hand = scores_by_hand(model, want_config, want_method, _image(), CLASSES)
+    assert torch.allclose(pred.low_res_scores, hand, atol=1e-5), (pred.low_res_scores - hand).abs().max()
+    # the labels are the argmax of the scores at the input size
+    assert torch.equal(pred.labels, pred.scores.argmax(0))
+    # and the variant matters: other numbers than the same method without it
+    base = default_scores["lposs" if want_method == "maskclip" else want_method]
+    if pred.low_res_scores.shape == base.shape:
+        assert not torch.allclose(pred.low_res_scores, base, atol=1e-4)
 
 
 @pytest.mark.parametrize("experiment", ["table3_ensemble"])
-def test_experiments_evaluate_end_to_end_on_synthetic_data(experiment, tmp_path, monkeypatch):
+def test_experiments_evaluate_end_to_end_on_synthetic_data(experiment, tmp_path):
     import json
 
     from synthetic_data import make_dataset
@@ -238,16 +178,19 @@ def test_experiments_evaluate_end_to_end_on_synthetic_data(experiment, tmp_path,
     from lposs_lab.lab.tasks.evaluate import evaluate
 
     make_dataset(tmp_path / "data", "voc20", 2, (40, 56))
-    monkeypatch.chdir(tmp_path)
-    vm = [] if experiment == "table4_clip_sa" else ["vm=tiny_random"]
-    cfg = _compose(
-        _group_override("experiment", experiment), "dataset=voc20", f"data_root={tmp_path / 'data'}", *vm,
-        "vlm=tiny_random", "device=cpu", *SMALL, "logger=none", "trainer.enable_progress_bar=false",
-        "num_workers=0", f"results_json={tmp_path / 'results.json'}", f"state_dir={tmp_path / 'states'}",
-        f"++cache.dir={tmp_path / 'cache'}", f"out={tmp_path}",
-    )
-    res = evaluate(cfg)
+    overrides = [
+        _group_override("experiment", experiment), "dataset=voc20", f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.root_dir={tmp_path}", "vm=tiny_random", "vlm=tiny_random", "device=cpu", *SMALL,
+        "logger=none", "trainer.enable_progress_bar=false", "num_workers=0",
+        f"++cache.dir={tmp_path / 'cache'}",
+    ]  # fmt: skip
+    res = evaluate(_compose(*overrides, f"paths.output_dir={tmp_path / 'out'}"))
     assert res is not None and res["num_images"] == 2 and 0 <= res["mIoU"] <= 100
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["config"]["report"]["experiment"] == experiment
-    assert len(list((tmp_path / "cache").glob("*/shard-*"))) >= 1  # features were cached
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["config"]["report"]["experiment"] == experiment and saved["mIoU"] == res["mIoU"]
+    assert saved["config"]["data_root"] == str(tmp_path / "data")
+    assert len(list((tmp_path / "cache").glob("*/shard-*"))) == 2  # one cache per window setup
+    # a second run of the recipe takes every feature from the cache and gives the same numbers
+    again = evaluate(_compose(*overrides, f"paths.output_dir={tmp_path / 'out2'}"))
+    assert again["mIoU"] == res["mIoU"] and again["per_class_iou"] == res["per_class_iou"]
+    assert len(list((tmp_path / "cache").glob("*/shard-*"))) == 2
