@@ -305,6 +305,7 @@ def test_cli_bad_input_exit_codes(tmp_path, capsys):
 @pytest.mark.slow
 def test_cli_as_module_fails_in_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "lposs_lab.lab.data.coco_object", str(tmp_path / "nope"), str(tmp_path / "dst")]
+    cmd = [sys.executable, "-m", "lposs_lab.lab.data.coco_object"]
+    cmd += [str(tmp_path / "nope"), str(tmp_path / "o")]
     bad = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert bad.returncode == 1 and bad.stderr.strip().startswith("error:") and "Traceback" not in bad.stderr
