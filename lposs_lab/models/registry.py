@@ -125,7 +125,8 @@ def _fetch_hub(
     else:
         reason = _one_line(f"{type(last_error).__name__}: {last_error}", 100)
     raise WeightsUnavailableError(
-        f"weights for {kind} '{who}' unavailable: {repo_id} is not in {where} and cannot be downloaded "
+        f"weights for {kind} '{who}' unavailable: {repo_id} ({' or '.join(filenames)}) is not in {where} and "
+        "cannot be downloaded "
         f"({reason}); cache it once with network access (HF_HOME), or pass a local file with "
         f"{kind}.pretrained=PATH ({kind}_pretrained= in LPOSSConfig)",
         kind=kind, name=who, repo_id=repo_id, reason=reason, where=str(where),

@@ -18,6 +18,7 @@ from model_fixtures import (
     use_fake_hf_cache,
 )
 
+from lposs_lab.errors import ConfigError
 from lposs_lab.models import (
     VLM_MODELS,
     VM_MODELS,
@@ -276,7 +277,7 @@ def test_missing_weights_offline_raise_one_line(monkeypatch, tmp_path, kind, nam
     msg = str(info.value)
     assert "\n" not in msg
     assert f"'{name}'" in msg and repo in msg and file in msg and "HF_HUB_OFFLINE" in msg
-    assert "$HF_HOME" in msg and f"{kind}.pretrained=/path/to/{file}" in msg and f"{kind}_pretrained=" in msg
+    assert "(HF_HOME)" in msg and f"{kind}.pretrained=PATH" in msg and f"{kind}_pretrained=" in msg
     assert isinstance(info.value, RuntimeError)
 
 
@@ -286,7 +287,12 @@ def test_unknown_names_list_valid_ones() -> None:
     with pytest.raises(ValueError, match="valid names: maskclip_b16, tiny_random"):
         create_vlm("clip")
     assert set(VM_MODELS) == {"dino_b16", "dino_b8", "dinov2_b14", "tiny_random"}
-    assert set(VLM_MODELS) == {"maskclip_b16", "tiny_random"}
+    methods = ("sclip", "clearclip", "naclip", "proxyclip", "scclip")
+    assert set(VLM_MODELS) == {"maskclip_b16", "tiny_random"} | {
+        f"{m}_{tag}" for m in methods for tag in ("b16", "tiny_random")
+    }
+    with pytest.raises(ConfigError, match=r"\(e\.g\. vm=dino_b16\)"):  # a user error: one line, exit 2
+        create_vm("dino_b32")
 
 
 def test_tiny_random_is_deterministic_frozen_and_keeps_global_rng() -> None:
