@@ -13,10 +13,11 @@ import math
 import torch
 from torch import Tensor
 
+from .config import PixelConfig
 from .kernels import resolve_backend, stencil_operator
 from .propagation import conjugate_gradient
 
-__all__ = ["rgb_to_lab", "stencil_offsets", "pixel_graph", "refine_pixels", "lab_features"]
+__all__ = ["rgb_to_lab", "stencil_offsets", "pixel_graph", "refine_pixels", "lab_features", "pixel_stage"]
 
 # sRGB (D65) -> CIE XYZ, and the D65 reference white (the constants of scikit-image's rgb2lab).
 _XYZ_FROM_RGB = (
@@ -203,3 +204,38 @@ def refine_pixels(
     for start in range(0, c, chunk):
         out[start : start + chunk] = solve(scores[start : start + chunk].float())
     return out
+
+
+def pixel_stage(
+    image: Tensor, scores: Tensor, config: PixelConfig, *, features: Tensor | None = None
+) -> Tensor:
+    """The LPOSS+ pixel stage with the hyperparameters of ``config`` (SPEC §4).
+
+    The one call shared by :meth:`lposs_lab.LPOSS.propagate` and :func:`lposs_lab.refine`, so both
+    run exactly the same computation. ``config.enabled``, ``feature``, ``depth_model`` and
+    ``depth_weight`` are not read here (the caller builds ``features`` when it is not Lab).
+
+    Args:
+        image: ``[3, h, w]`` resized RGB float in ``[0, 1]``.
+        scores: ``[C, h, w]`` initial scores at the same size.
+        config: ``r``, ``tau``, ``alpha``, ``max_iter``, ``tol``, ``spatial``, ``sigma_s``, ``backend``
+            and ``max_bytes`` of the solve.
+        features: optional ``[F, h, w]`` pixel features replacing Lab.
+
+    Returns:
+        ``[C, h, w]`` float32 refined scores on the device of ``scores``.
+    """
+    return refine_pixels(
+        image,
+        scores,
+        r=config.r,
+        tau=config.tau,
+        alpha=config.alpha,
+        max_iter=config.max_iter,
+        tol=config.tol,
+        spatial=config.spatial,
+        sigma_s=config.sigma_s,
+        backend=config.backend,
+        max_bytes=config.max_bytes,
+        features=features,
+    )
