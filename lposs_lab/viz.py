@@ -9,8 +9,13 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .image_io import atomic_write
+from .postprocess import UNKNOWN
 
-__all__ = ["palette", "label_image", "overlay", "save_png"]
+__all__ = ["palette", "label_image", "overlay", "legend_entries", "save_png", "label_name", "UNKNOWN_COLOUR"]
+
+#: Neutral grey of abstaining pixels (label :data:`lposs_lab.UNKNOWN`) in overlays and legends; no class
+#: of the palette has it (its greys are 0, 64, 128 and 192).
+UNKNOWN_COLOUR = (160, 160, 160)
 
 
 def palette(n: int = 256) -> np.ndarray:
@@ -27,8 +32,36 @@ def palette(n: int = 256) -> np.ndarray:
     return out
 
 
+def label_name(label: int, class_names: Sequence[str]) -> str:
+    """Display name of a label value: its class name, ``"unknown"`` for :data:`UNKNOWN` beyond the classes."""
+    if 0 <= label < len(class_names):
+        return str(class_names[label])
+    return "unknown" if label == UNKNOWN else str(label)
+
+
+def _colours(n_classes: int) -> np.ndarray:
+    colours = palette(max(256, n_classes))
+    if n_classes <= UNKNOWN:
+        colours[UNKNOWN] = UNKNOWN_COLOUR
+    return colours
+
+
+def legend_entries(labels: np.ndarray, class_names: Sequence[str]) -> list[tuple[str, tuple[int, int, int]]]:
+    """``(name, colour)`` of the label values present, by decreasing area (ties: by value).
+
+    :data:`UNKNOWN` (with at most 255 classes) is ``("unknown", UNKNOWN_COLOUR)``.
+    """
+    colours = _colours(len(class_names))
+    ids, counts = np.unique(np.asarray(labels), return_counts=True)
+    present = [int(i) for i in ids[np.argsort(-counts, kind="stable")]]
+    return [(label_name(i, class_names), tuple(int(v) for v in colours[i % len(colours)])) for i in present]
+
+
 def label_image(labels: np.ndarray) -> Image.Image:
-    """An ``[H, W]`` label map as a palette ("P") PNG image; over 256 classes give 16-bit "I;16"."""
+    """An ``[H, W]`` label map as a palette ("P") PNG image; over 256 classes give 16-bit "I;16".
+
+    Values are kept as they are: abstaining pixels stay :data:`UNKNOWN` (255, the ignore index).
+    """
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"labels must be [H, W], got {labels.shape}")
@@ -53,7 +86,8 @@ def overlay(
 
     Args:
         image: ``[H, W, 3]`` uint8 RGB.
-        labels: ``[H, W]`` class indices.
+        labels: ``[H, W]`` class indices; :data:`UNKNOWN` (255, with at most 255 classes) is drawn in
+            :data:`UNKNOWN_COLOUR` and listed as ``"unknown"``.
         class_names: names of the classes.
 
     Returns:
@@ -61,31 +95,25 @@ def overlay(
     """
     if image.shape[:2] != labels.shape:
         raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} differ in size")
-    colours = palette(max(256, len(class_names)))
+    colours = _colours(len(class_names))
     colour = colours[np.asarray(labels, dtype=np.int64) % len(colours)]
     blend = (image.astype(np.float32) * (1 - alpha) + colour.astype(np.float32) * alpha + 0.5).astype(
         np.uint8
     )
     h, w = labels.shape
-    ids, counts = np.unique(labels, return_counts=True)
-    present = [int(i) for i in ids[np.argsort(-counts, kind="stable")]]
+    entries = legend_entries(labels, class_names)
     font_size = int(np.clip(h / 30, 10, 28))
     font = _font(font_size)
     row = font_size + 6
-    rows = max(1, len(present))
-    width = max(int(font.getlength(class_names[i] if i < len(class_names) else str(i))) for i in present)
+    rows = max(1, len(entries))
+    width = max(int(font.getlength(name)) for name, _ in entries)
     legend_w = width + row + 24
     canvas = Image.new("RGB", (w + legend_w, max(h, rows * row + 12)), (255, 255, 255))
     canvas.paste(Image.fromarray(blend), (0, 0))
     draw = ImageDraw.Draw(canvas)
-    for n, i in enumerate(present):
+    for n, (name, fill) in enumerate(entries):
         y = 6 + n * row
-        draw.rectangle(
-            [w + 8, y, w + 8 + font_size, y + font_size],
-            fill=tuple(int(v) for v in colours[i]),
-            outline=(0, 0, 0),
-        )
-        name = class_names[i] if i < len(class_names) else str(i)
+        draw.rectangle([w + 8, y, w + 8 + font_size, y + font_size], fill=fill, outline=(0, 0, 0))
         draw.text((w + 16 + font_size, y), name, fill=(0, 0, 0), font=font)
     return canvas
 

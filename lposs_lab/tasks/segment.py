@@ -10,7 +10,7 @@ import numpy as np
 from omegaconf import DictConfig, ListConfig
 
 from ..image_io import atomic_write, load_image
-from ..viz import label_image, overlay, save_png
+from ..viz import label_image, label_name, overlay, save_png
 from .common import build_predictor, parse_classes
 
 __all__ = ["segment"]
@@ -65,7 +65,8 @@ def segment(cfg: DictConfig) -> list[dict]:
             with atomic_write(out / f"{stem}_scores.npz") as fh:
                 fh.write(buf.getvalue())
         present = {
-            pred.class_names[i]: int(c) for i, c in zip(*np.unique(labels, return_counts=True), strict=True)
+            label_name(int(i), pred.class_names): int(c)
+            for i, c in zip(*np.unique(labels, return_counts=True), strict=True)
         }
         summary = {
             "image": str(path),
