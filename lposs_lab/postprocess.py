@@ -112,8 +112,23 @@ def pamr(
     del diff
     weights = torch.softmax(affinity, dim=1)[:, None]  # [B, 1, 8D, H, W]
     for _ in range(iterations):
-        m = (_neighbours(m, dil, centre=False) * weights).sum(dim=2)
+        m = _weighted_neighbour_sum(m, weights, dil)
     return m if batched else m[0]
+
+
+def _weighted_neighbour_sum(m: Tensor, weights: Tensor, dilations: Sequence[int]) -> Tensor:
+    """``sum_n weights[:, :, n] * m[p + offset_n]`` over the 8D neighbours, without stacking them."""
+    h, w = m.shape[-2:]
+    pad = max(dilations)
+    padded = F.pad(m, (pad, pad, pad, pad), mode="replicate")
+    out = torch.zeros_like(m)
+    n = 0
+    for d in dilations:
+        for dy, dx in _DIRECTIONS:
+            y0, x0 = pad + dy * d, pad + dx * d
+            out.addcmul_(padded[..., y0 : y0 + h, x0 : x0 + w], weights[:, :, n])
+            n += 1
+    return out
 
 
 @dataclass(frozen=True)
