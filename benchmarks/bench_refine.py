@@ -83,7 +83,9 @@ def main() -> None:
     for c in (int(v) for v in args.classes.split(",")):
         g = torch.Generator().manual_seed(c)
         low = torch.randn(c, h // 16, w // 16, generator=g).to(device)
-        t_refine = _median_time(lambda low=low: refine(image, low, backend=args.backend), args.repeats, device)
+        t_refine = _median_time(
+            lambda low=low: refine(image, low, backend=args.backend), args.repeats, device
+        )
         up = resize_scores(low, img.shape[1], img.shape[2])
         t_pixel = _median_time(lambda up=up: pixel_stage(img, up, px), args.repeats, device)
         t_pamr = float("nan")
