@@ -84,7 +84,8 @@ class Prediction:
     """Result of :meth:`LPOSS.predict`.
 
     Attributes:
-        labels: ``[H, W]`` int64 class indices at the input image's size.
+        labels: ``[H, W]`` int64 class indices at the input image's size; :data:`lposs_lab.UNKNOWN`
+            (255) where an ``abstain`` rule without a background class abstained.
         class_names: one name per class (the first synonym of each ``;`` group).
         low_res_scores: ``[C, h, w]`` class scores before the final resize (resized-image resolution).
         timings: seconds spent per stage (``features``, ``patch_lp``, ``pixel_lp``, ``total``).

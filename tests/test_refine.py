@@ -278,3 +278,41 @@ def test_predict_abstain_off_is_unchanged_and_on_marks_unknown(models):
     assert (arr[:, 130:] == np.array(UNKNOWN_COLOUR, np.uint8)).all(axis=-1).sum() > 20
     # label PNGs keep 255 as is
     assert np.array_equal(np.asarray(label_image(labels)), labels.astype(np.uint8))
+
+
+def test_predict_abstain_uses_all_names_before_the_synonym_max(models):
+    plus, _ = models
+    img = _photo(seed=5)
+    classes = ["a;b", "c", "d"]
+    base = plus.predict(img, classes=classes)
+    names, _ = plus.propagate_names(plus.extract(img))  # [4 names, h, w]
+    assert names.shape[0] == 4
+    full = F.interpolate(names[None], size=(75, 130), mode="bilinear", align_corners=False)[0]
+    prob = torch.softmax(40.0 * full, dim=0)
+    top = prob.max(dim=0).values  # max over classes of (max over their names) = max over all names
+    threshold = float(top.median())
+    pred = plus.predict(img, abstain=Abstain(threshold=threshold))
+    expect = torch.where(top < threshold, torch.full_like(base.labels, UNKNOWN), base.labels)
+    assert torch.equal(pred.labels, expect)
+    assert 0.3 < float((pred.labels == UNKNOWN).float().mean()) < 0.7
+    # softmax over the reduced classes would give other probabilities: the order matters here
+    reduced = torch.softmax(40.0 * base.scores, dim=0).max(dim=0).values
+    assert not torch.allclose(reduced, top, atol=1e-3)
+
+
+def test_predict_abstain_with_a_window_ensemble():
+    cfg = LPOSSConfig(
+        vm="tiny_random",
+        vlm="tiny_random",
+        device="cpu",
+        window=WindowConfig(short_side=112, ensemble=((112, 56),)),
+    )
+    model = LPOSS.from_config(cfg)
+    img = _photo(seed=6)
+    base = model.predict(img, classes=CLASSES)
+    assert torch.equal(model.predict(img, abstain=Abstain(threshold=0.0)).labels, base.labels)
+    full = F.interpolate(base.low_res_scores[None], size=(75, 130), mode="bilinear", align_corners=False)[0]
+    top = torch.softmax(40.0 * full, dim=0).max(dim=0).values
+    pred = model.predict(img, abstain=Abstain(threshold=0.6, background=0))
+    assert torch.equal(pred.labels, torch.where(top < 0.6, torch.zeros_like(base.labels), base.labels))
+    assert int((pred.labels != base.labels).sum()) > 50  # some pixels did move to the background
