@@ -22,14 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from .config import LPConfig, PixelConfig, WindowConfig
+from .config import LPConfig, LPOSSConfig, PixelConfig, WindowConfig
 from .image_io import to_rgb_uint8
 from .pixels import pixel_stage
-from .predictor import resolve_device
+from .predictor import LPOSS, resolve_device
 from .propagation import refine_patches
-from .windows import resize_argmax, resize_image
+from .windows import crop_windows, patch_positions, resize_argmax, resize_image, stitch_windows
 
 __all__ = ["Refinement", "refine", "resized_image_tensor"]
 
@@ -166,9 +166,46 @@ def _patch_stage(
         pos = _as_float_tensor(positions, "positions", device)
         if pos.shape != (n, 2):
             raise ValueError(f"positions must be [N={n}, 2] (y, x) in resized pixels, got {tuple(pos.shape)}")
-    lp_args = {f.name: getattr(lp, f.name) for f in fields(LPConfig) if f.name != "graph_features"}
-    out = refine_patches(feats, pos, y, **lp_args)  # [N, C]
+    out = refine_patches(feats, pos, y, **_lp_args(lp))  # [N, C]
     return out.T.reshape(-1, gh, gw)
+
+
+def _lp_args(lp: LPConfig) -> dict[str, Any]:
+    return {f.name: getattr(lp, f.name) for f in fields(LPConfig) if f.name != "graph_features"}
+
+
+def _vm_patch_stage(
+    image: Any,
+    scores: Tensor,
+    vm: str | nn.Module,
+    window: WindowConfig,
+    lp: LPConfig,
+    device: torch.device,
+) -> Tensor:
+    """Resized-image scores ``[C, h, w]`` -> the same after the patch stage over ``vm``'s features.
+
+    The VM features come from :meth:`lposs_lab.LPOSS.extract` (the predictor's windows, batching and
+    padding). Each window's initial patch scores are the mean of ``scores`` over the patch's pixels
+    (``adaptive_avg_pool2d`` of the window onto its patch grid, the inverse of the stretch the
+    stitching does); one joint graph over all windows' patches; stitched back as the predictor does.
+    """
+    if isinstance(vm, str):
+        from .models import create_vm
+
+        vm = create_vm(vm, device=device)
+    if not isinstance(vm, nn.Module) or not hasattr(vm, "patch_size"):
+        raise ValueError("vm must be a VM name (e.g. 'dino_b16') or a module with a patch_size attribute")
+    config = LPOSSConfig(window=window, device=str(device))
+    model = LPOSS(vm, vm, config, method="lposs", device=device)  # vm is vlm: only the VM runs
+    feats = model.extract(image, window)
+    b, gh, gw, d = feats.vm.shape
+    _, h, w = scores.shape
+    crops = crop_windows(scores, feats.windows)  # [B, C, wh, ww]
+    y = F.adaptive_avg_pool2d(crops, (gh, gw)).permute(0, 2, 3, 1).reshape(b * gh * gw, -1)
+    pos = patch_positions(feats.windows, (gh, gw), feats.patch_size, device=device)
+    out = refine_patches(feats.vm.reshape(b * gh * gw, d), pos, y, **_lp_args(lp))
+    grids = out.reshape(b, gh, gw, -1).permute(0, 3, 1, 2)
+    return stitch_windows(grids, feats.windows, h, w)
 
 
 @torch.inference_mode()
@@ -189,6 +226,8 @@ def refine(
     patch_features: Tensor | np.ndarray | None = None,
     positions: Tensor | np.ndarray | None = None,
     lp: LPConfig | Mapping[str, Any] | None = None,
+    vm: str | nn.Module | None = None,
+    window: tuple[int, int] = (_WIN.size, _WIN.stride),
     short_side: int = _WIN.short_side,
     long_side: int = _WIN.long_side,
     device: str | torch.device | None = None,
@@ -203,8 +242,13 @@ def refine(
     With ``patch_features`` the patch stage (SPEC §3, LPOSS) runs first, on a single patch grid
     covering the whole image (as the predictor's no-window variant): ``scores`` are then patch
     scores, ``[C, gh, gw]`` (or ``[N, C]`` with ``patch_features`` ``[gh, gw, D]``), and the
-    propagated grid is resized bilinearly to the resized image before the pixel stage. Several
-    windows are not supported here (use the predictor).
+    propagated grid is resized bilinearly to the resized image before the pixel stage.
+
+    With ``vm`` (a VM name such as ``"dino_b16"`` or a VM module) the patch stage runs on that VM's
+    features over the predictor's sliding windows (``window = (size, stride)``, ``(0, 0)``: the whole
+    image): ``scores`` are resized to the resized image, averaged over each window's patches
+    (``adaptive_avg_pool2d``, ours), propagated over one joint graph (SPEC §3) and stitched back as
+    the predictor does, then refined by the pixel stage.
 
     Args:
         image: the image the scores belong to: a path, PIL image, numpy array or tensor (anything
@@ -221,7 +265,11 @@ def refine(
         positions: optional ``[N, 2]`` patch centres ``(y, x)`` in resized-image pixels (default: the
             centres of the ``gh x gw`` cells over the resized image).
         lp: patch-stage hyperparameters (:class:`lposs_lab.LPConfig` or a mapping of its fields;
-            ``graph_features`` is ignored: the given ``patch_features`` are the graph).
+            ``graph_features`` is ignored: the given ``patch_features`` or ``vm`` are the graph).
+        vm: optional VM name (built by :func:`lposs_lab.create_vm`, weights fetched or cached) or
+            module (``[B, 3, h, w] -> [B, gh, gw, D]`` with ``patch_size``; moved to ``device``):
+            run the patch stage on its features first. Not with ``patch_features``.
+        window: ``(size, stride)`` of the VM windows (with ``vm`` only); ``(0, 0)``: no windows.
         short_side, long_side: the resize of SPEC §1.
         device: where to compute (``"cpu"``, ``"cuda"``, ``"auto"``...). Default: the device of
             ``scores`` for a tensor, the CPU for a numpy array.
@@ -242,7 +290,7 @@ def refine(
     """
     dev = _default_device(scores, device)
     y = _as_float_tensor(scores, "scores", dev)
-    if patch_features is None:
+    if patch_features is None:  # pixel scores (also with vm=)
         if y.ndim != 3:
             raise ValueError(f"scores must be [C, h, w], got shape {tuple(y.shape)}")
     elif y.ndim not in (2, 3):
@@ -255,12 +303,21 @@ def refine(
         raise ValueError(f"scores must be non-empty, got shape {tuple(y.shape)}")
     if positions is not None and patch_features is None:
         raise ValueError("positions are only used with patch_features (the patch stage)")
+    if vm is not None and patch_features is not None:
+        raise ValueError("pass either patch_features or vm for the patch stage, not both")
+    if len(window) != 2:
+        raise ValueError(f"window must be (size, stride), got {window!r}")
     img, (height, width) = resized_image_tensor(image, short_side=short_side, long_side=long_side, device=dev)
     _, h, w = img.shape
     if patch_features is not None:
         y = _patch_stage(y, patch_features, positions, (h, w), _lp_config(lp), dev)
+    elif vm is not None:
+        win = WindowConfig(
+            size=int(window[0]), stride=int(window[1]), short_side=short_side, long_side=long_side
+        )
+        y = _vm_patch_stage(image, resize_scores(y, h, w), vm, win, _lp_config(lp), dev)
     elif lp is not None:
-        raise ValueError("lp is only used with patch_features (the patch stage)")
+        raise ValueError("lp is only used with patch_features or vm (the patch stage)")
     px = PixelConfig(
         r=r,
         tau=tau,

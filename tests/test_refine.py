@@ -19,10 +19,12 @@ from lposs_lab import (
     WindowConfig,
     abstain,
     refine,
+    refine_patches,
+    refine_pixels,
 )
 from lposs_lab.refine import resized_image_tensor
 from lposs_lab.viz import UNKNOWN_COLOUR, label_image, legend_entries, overlay, palette
-from lposs_lab.windows import resize_argmax
+from lposs_lab.windows import patch_positions, resize_argmax, stitch_windows
 
 CLASSES = ["a", "b", "c", "d"]
 
@@ -146,6 +148,9 @@ def test_patch_stage_matches_the_float64_reference():
         (torch.full((2, 4, 5), float("nan")), {}, "NaN"),
         (torch.zeros(2, 4, 5), {"features": torch.zeros(3, 4, 5)}, r"features must be \[F, 32, 48\]"),
         (torch.zeros(2, 4, 5), {"positions": torch.zeros(20, 2)}, "only used with patch_features"),
+        (torch.zeros(2, 4, 5), {"lp": {"k": 3}}, "only used with patch_features or vm"),
+        (torch.zeros(2, 4, 5), {"vm": 3}, "vm must be a VM name"),
+        (torch.zeros(2, 4, 5), {"vm": "tiny_random", "window": (224,)}, r"window must be \(size, stride\)"),
         (torch.zeros(2, 4, 5), {"patch_features": torch.zeros(3, 5, 8)}, "does not match"),
         (torch.zeros(20, 2), {"patch_features": torch.zeros(20, 8)}, r"scores as a grid"),
         (
@@ -316,3 +321,51 @@ def test_predict_abstain_with_a_window_ensemble():
     pred = model.predict(img, abstain=Abstain(threshold=0.6, background=0))
     assert torch.equal(pred.labels, torch.where(top < 0.6, torch.zeros_like(base.labels), base.labels))
     assert int((pred.labels != base.labels).sum()) > 50  # some pixels did move to the background
+
+
+def test_vm_patch_stage_whole_image_equals_given_patch_features(models):
+    plus, _ = models
+    img = _photo(64, 96, seed=7)  # resized at short side 64: 64 x 96, a 4 x 6 grid of 16-pixel patches
+    vm = plus.vm
+    grid = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(2))
+    pixels = grid.repeat_interleave(16, dim=1).repeat_interleave(16, dim=2)  # constant over each patch
+    lp = {"k": 10}
+    out = refine(img, pixels, vm=vm, window=(0, 0), lp=lp, short_side=64, r=5)
+    image, _ = resized_image_tensor(img, short_side=64)
+    feats = vm(image[None])[0]  # [4, 6, D]
+    given = refine(img, grid, patch_features=feats, lp=lp, short_side=64, r=5)
+    # float32 rounding only: the patch means of a constant block need not be bit-equal to the constant
+    assert rel_err(out.low_res_scores, given.low_res_scores) <= 1e-5
+    assert torch.equal(out.labels, given.labels)
+    # the patch stage did something
+    no_lp = refine(img, pixels, short_side=64, r=5)
+    assert (no_lp.low_res_scores - out.low_res_scores).abs().max() > 1e-3
+
+
+def test_vm_patch_stage_with_windows_is_the_predictors_composition(models):
+    plus, _ = models
+    img = _photo(seed=8)
+    low = torch.randn(4, 9, 15, generator=torch.Generator().manual_seed(3))
+    out = refine(img, low, vm="tiny_random", short_side=224, lp={"k": 30}, r=5)
+    # the same VM (the tiny random init is seeded) through the predictor's extract, 224/112 windows
+    cfg = LPOSSConfig(device="cpu", window=WindowConfig(short_side=224))
+    feats = LPOSS(plus.vm, plus.vm, cfg, method="lposs").extract(img)
+    image = feats.image
+    assert image.shape == (3, 224, 388) and len(feats.windows) == 3
+    up = F.interpolate(low[None], size=image.shape[1:], mode="bilinear", align_corners=False)[0]
+    b, gh, gw, d = feats.vm.shape
+    y = torch.stack(
+        [F.adaptive_avg_pool2d(up[:, wd.y1 : wd.y2, wd.x1 : wd.x2], (gh, gw)) for wd in feats.windows]
+    )
+    pos = patch_positions(feats.windows, (gh, gw), 16)
+    # the library's float32 patch stage: this random VM's features have exact ties at the k-th
+    # neighbour (overlapping flat windows), where a float64 kNN may pick another tied neighbour
+    lp_out = refine_patches(feats.vm.reshape(-1, d), pos, y.permute(0, 2, 3, 1).reshape(-1, 4), k=30)
+    grids = lp_out.reshape(b, gh, gw, 4).permute(0, 3, 1, 2)
+    stitched = stitch_windows(grids, feats.windows, *image.shape[1:])
+    expect = refine_pixels(image, stitched, r=5)
+    assert rel_err(out.low_res_scores, expect) <= 1e-6
+    assert (out.low_res_scores - refine(img, low, short_side=224, r=5).low_res_scores).abs().max() > 1e-2
+    assert out.labels.shape == (75, 130)
+    with pytest.raises(ValueError, match="not both"):
+        refine(img, low, vm="tiny_random", patch_features=torch.zeros(20, 8))
