@@ -9,9 +9,11 @@ The core is plain Python and torch (no Hydra, no Lightning)::
 
 from .config import LPConfig, LPOSSConfig, PixelConfig, WindowConfig
 from .image_io import ImageError, load_image, to_rgb_uint8
-from .pixels import lab_features, pixel_graph, refine_pixels, rgb_to_lab
+from .pixels import lab_features, pixel_graph, pixel_stage, refine_pixels, rgb_to_lab
+from .postprocess import UNKNOWN, Abstain, abstain, pamr
 from .predictor import LPOSS, ImageFeatures, Prediction
 from .propagation import conjugate_gradient, knn_inner_product, patch_graph, patch_operator, refine_patches
+from .refine import Refinement, refine
 
 __version__ = "0.1.0"
 
@@ -23,8 +25,15 @@ __all__ = [
     "WindowConfig",
     "Prediction",
     "ImageFeatures",
+    "refine",
+    "Refinement",
+    "pamr",
+    "abstain",
+    "Abstain",
+    "UNKNOWN",
     "refine_patches",
     "refine_pixels",
+    "pixel_stage",
     "patch_graph",
     "patch_operator",
     "pixel_graph",

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor
 
+from .config import PixelConfig
 from .kernels import resolve_backend, stencil_operator
 from .kernels.geometry import pair_slices
 from .propagation import conjugate_gradient
@@ -25,6 +26,7 @@ __all__ = [
     "refine_pixels",
     "lab_features",
     "pixel_features",
+    "pixel_stage",
 ]
 
 #: Pixel-stage feature choices (``PixelConfig.feature``).
@@ -231,3 +233,38 @@ def pixel_features(image: Tensor, depth: Tensor | None, feature: str, *, depth_w
         raise ValueError(f"depth must be [h, w] = {want} for feature {feature!r}, got {got}")
     d = depth.to(image.device, torch.float32)[None] * float(depth_weight)
     return d if feature == "depth" else torch.cat([lab_features(image), d])
+
+
+def pixel_stage(
+    image: Tensor, scores: Tensor, config: PixelConfig, *, features: Tensor | None = None
+) -> Tensor:
+    """The LPOSS+ pixel stage with the hyperparameters of ``config`` (SPEC §4).
+
+    The one call shared by :meth:`lposs_lab.LPOSS.propagate` and :func:`lposs_lab.refine`, so both
+    run exactly the same computation. ``config.enabled``, ``feature``, ``depth_model`` and
+    ``depth_weight`` are not read here (the caller builds ``features`` when it is not Lab).
+
+    Args:
+        image: ``[3, h, w]`` resized RGB float in ``[0, 1]``.
+        scores: ``[C, h, w]`` initial scores at the same size.
+        config: ``r``, ``tau``, ``alpha``, ``max_iter``, ``tol``, ``spatial``, ``sigma_s``, ``backend``
+            and ``max_bytes`` of the solve.
+        features: optional ``[F, h, w]`` pixel features replacing Lab.
+
+    Returns:
+        ``[C, h, w]`` float32 refined scores on the device of ``scores``.
+    """
+    return refine_pixels(
+        image,
+        scores,
+        r=config.r,
+        tau=config.tau,
+        alpha=config.alpha,
+        max_iter=config.max_iter,
+        tol=config.tol,
+        spatial=config.spatial,
+        sigma_s=config.sigma_s,
+        backend=config.backend,
+        max_bytes=config.max_bytes,
+        features=features,
+    )

@@ -17,7 +17,9 @@ from torch import Tensor, nn
 from .config import LPOSSConfig, WindowConfig
 from .errors import ConfigError, DeviceUnavailableError, WeightsUnavailableError
 from .image_io import to_rgb_uint8
-from .pixels import PIXEL_FEATURES, pixel_features, refine_pixels
+from .pixels import PIXEL_FEATURES, pixel_features, pixel_stage
+from .postprocess import UNKNOWN, Abstain
+from .postprocess import abstain as apply_abstain
 from .propagation import refine_patches
 from .windows import (
     Window,
@@ -84,7 +86,8 @@ class Prediction:
     """Result of :meth:`LPOSS.predict`.
 
     Attributes:
-        labels: ``[H, W]`` int64 class indices at the input image's size.
+        labels: ``[H, W]`` int64 class indices at the input image's size; :data:`lposs_lab.UNKNOWN`
+            (255) where an ``abstain`` rule without a background class abstained.
         class_names: one name per class (the first synonym of each ``;`` group).
         low_res_scores: ``[C, h, w]`` class scores before the final resize (resized-image resolution).
         timings: seconds spent per stage (``features``, ``patch_lp``, ``pixel_lp``, ``total``).
@@ -309,6 +312,12 @@ class LPOSS:
     @torch.inference_mode()
     def propagate(self, feats: ImageFeatures) -> tuple[Tensor, dict[str, float]]:
         """Scores ``[C, h, w]`` before the final resize, from cached features and the current classes."""
+        scores, timings = self.propagate_names(feats)
+        return self._reduce_synonyms(scores), timings
+
+    @torch.inference_mode()
+    def propagate_names(self, feats: ImageFeatures) -> tuple[Tensor, dict[str, float]]:
+        """As :meth:`propagate`, before the synonym max: ``[Q, h, w]``, one row per name (synonym)."""
         if self._text is None:
             raise RuntimeError("no classes set: call set_classes([...]) first or pass classes= to predict()")
         cfg = self.config
@@ -336,19 +345,14 @@ class LPOSS:
         t0 = time.perf_counter()
         if self.method == "lposs_plus":
             scores = stitch_windows(grids, feats.windows, h, w)
-            px = cfg.pixel
-            scores = refine_pixels(
-                feats.image, scores, r=px.r, tau=px.tau, alpha=px.alpha, max_iter=px.max_iter, tol=px.tol,
-                spatial=px.spatial, sigma_s=px.sigma_s, backend=px.backend, max_bytes=px.max_bytes,
-                features=self.pixel_features(feats),
-            )
+            scores = pixel_stage(feats.image, scores, cfg.pixel, features=self.pixel_features(feats))
         elif whole:
             scores = grids[0]  # the patch grid goes straight to the original size (SPEC §5)
         else:
             scores = stitch_windows(grids, feats.windows, h, w)
         _sync(self.device)
         timings["pixel_lp"] = time.perf_counter() - t0
-        return self._reduce_synonyms(scores), timings
+        return scores, timings
 
     def _reduce_synonyms(self, scores: Tensor) -> Tensor:
         assert self._owner is not None and self._classes is not None
@@ -361,7 +365,12 @@ class LPOSS:
 
     # ------------------------------------------------------------------ all at once
     def predict(
-        self, image: Any, classes: Sequence[str] | None = None, *, image_id: str | None = None
+        self,
+        image: Any,
+        classes: Sequence[str] | None = None,
+        *,
+        image_id: str | None = None,
+        abstain: Abstain | None = None,
     ) -> Prediction:
         """Segment one image (path, PIL image, numpy array or tensor) into the current classes.
 
@@ -369,6 +378,12 @@ class LPOSS:
             image: any input :func:`lposs_lab.image_io.to_rgb_uint8` accepts.
             classes: optional vocabulary; when given it replaces the current one (see :meth:`set_classes`).
             image_id: the image's id in its dataset: features come from :attr:`feature_cache` when set.
+            abstain: optional :class:`lposs_lab.Abstain` rule (off by default: labels as the paper).
+                The per-name scores are resized to the input size, ``softmax(logit_scale * .)`` is
+                taken over all names, then the max over each class's synonyms (PREDICTORS.md §6);
+                pixels whose top probability is below ``abstain.threshold`` get
+                :data:`lposs_lab.UNKNOWN` (255) or ``abstain.background``. Elsewhere the labels are
+                the ones without the rule (but for area-filtered classes, see :func:`lposs_lab.abstain`).
 
         Returns:
             A :class:`Prediction` with the label map at the input size.
@@ -376,11 +391,16 @@ class LPOSS:
         if classes is not None:
             self.set_classes(classes)
         names = self.classes
+        if abstain is not None and abstain.background is None and len(names) > UNKNOWN:
+            raise ValueError(
+                f"{len(names)} classes: label {UNKNOWN} is a class and cannot mean unknown; "
+                "give the abstain rule a background class"
+            )
         t_start = time.perf_counter()
         windows = [self.config.window]
         for size, stride in self.config.window.ensemble:
             windows.append(replace(self.config.window, size=size, stride=stride, ensemble=()))
-        total = None
+        total = name_total = None
         timings: dict[str, float] = {"features": 0.0, "patch_lp": 0.0, "pixel_lp": 0.0}
         size = None
         for win in windows:
@@ -388,19 +408,33 @@ class LPOSS:
             feats = self.features(image, win, image_id)
             _sync(self.device)
             timings["features"] += time.perf_counter() - t0
-            scores, t = self.propagate(feats)
+            name_scores, t = self.propagate_names(feats)
+            scores = self._reduce_synonyms(name_scores)
             for key, value in t.items():
                 timings[key] += value
             if total is None:
                 total, size = scores, scores.shape[1:]
+                name_total = name_scores if abstain is not None else None
             else:  # ensemble: average the outputs of the window setups
                 if scores.shape[1:] != size:
                     scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
                 total = total + scores
+                if name_total is not None:
+                    if name_scores.shape[1:] != size:
+                        name_scores = F.interpolate(
+                            name_scores[None], size=size, mode="bilinear", align_corners=False
+                        )[0]
+                    name_total = name_total + name_scores
         assert total is not None
         scores = total / len(windows)
         h, w = feats.original_size
         labels, _ = resize_argmax(scores, h, w)
+        if abstain is not None:
+            assert name_total is not None
+            full = F.interpolate(
+                (name_total / len(windows))[None], size=(h, w), mode="bilinear", align_corners=False
+            )[0]
+            labels = apply_abstain(full, abstain, owner=self._owner, labels=labels)
         timings["total"] = time.perf_counter() - t_start
         return Prediction(labels.cpu(), names, scores.cpu(), timings)
 

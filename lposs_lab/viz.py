@@ -9,14 +9,27 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .files import atomic_write
+from .postprocess import UNKNOWN
 
-__all__ = ["palette", "label_image", "overlay", "save_png"]
+__all__ = [
+    "palette",
+    "label_image",
+    "overlay",
+    "legend_entries",
+    "legend_name",
+    "save_png",
+    "label_name",
+    "UNKNOWN_COLOUR",
+    "LEGEND_MAX_CHARS",
+]
+
+#: Neutral grey of abstaining pixels (label :data:`lposs_lab.UNKNOWN`) in overlays and legends; no class
+#: of the palette has it (its greys are 0, 64, 128 and 192).
+UNKNOWN_COLOUR = (160, 160, 160)
 
 
 #: Longest class name shown in an overlay legend (longer names are cut with an ellipsis).
 LEGEND_MAX_CHARS = 32
-#: Colour of label 255 (no class / unknown) in label PNGs and overlays.
-NO_CLASS_COLOUR = (190, 190, 190)
 
 
 def _voc_colour(i: int) -> tuple[int, int, int]:
@@ -46,12 +59,40 @@ def palette(n: int = 256) -> np.ndarray:
                 break
         out[i] = rgb
     if n > 255:
-        out[255] = NO_CLASS_COLOUR
+        out[255] = UNKNOWN_COLOUR
     return out
 
 
+def label_name(label: int, class_names: Sequence[str]) -> str:
+    """Display name of a label value: its class name, ``"unknown"`` for :data:`UNKNOWN` beyond the classes."""
+    if 0 <= label < len(class_names):
+        return str(class_names[label])
+    return "unknown" if label == UNKNOWN else str(label)
+
+
+def _colours(n_classes: int) -> np.ndarray:
+    colours = palette(max(256, n_classes))
+    if n_classes <= UNKNOWN:
+        colours[UNKNOWN] = UNKNOWN_COLOUR
+    return colours
+
+
+def legend_entries(labels: np.ndarray, class_names: Sequence[str]) -> list[tuple[str, tuple[int, int, int]]]:
+    """``(name, colour)`` of the label values present, by decreasing area (ties: by value).
+
+    :data:`UNKNOWN` (with at most 255 classes) is ``("unknown", UNKNOWN_COLOUR)``.
+    """
+    colours = _colours(len(class_names))
+    ids, counts = np.unique(np.asarray(labels), return_counts=True)
+    present = [int(i) for i in ids[np.argsort(-counts, kind="stable")]]
+    return [(label_name(i, class_names), tuple(int(v) for v in colours[i % len(colours)])) for i in present]
+
+
 def label_image(labels: np.ndarray) -> Image.Image:
-    """An ``[H, W]`` label map as a palette ("P") PNG image; over 256 classes give 16-bit "I;16"."""
+    """An ``[H, W]`` label map as a palette ("P") PNG image; over 256 classes give 16-bit "I;16".
+
+    Values are kept as they are: abstaining pixels stay :data:`UNKNOWN` (255, the ignore index).
+    """
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"labels must be [H, W], got {labels.shape}")
@@ -86,7 +127,8 @@ def overlay(
 
     Args:
         image: ``[H, W, 3]`` uint8 RGB.
-        labels: ``[H, W]`` class indices.
+        labels: ``[H, W]`` class indices; :data:`UNKNOWN` (255, with at most 255 classes) is drawn in
+            :data:`UNKNOWN_COLOUR` and listed as ``"unknown"``.
         class_names: names of the classes (legend entries are cut to :data:`LEGEND_MAX_CHARS`).
         note: an extra last legend line, e.g. that the weights are random.
 
@@ -95,37 +137,32 @@ def overlay(
     """
     if image.shape[:2] != labels.shape:
         raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} differ in size")
-    colours = palette(max(256, len(class_names)))
+    colours = _colours(len(class_names))
     colour = colours[np.asarray(labels, dtype=np.int64) % len(colours)]
     blend = (image.astype(np.float32) * (1 - alpha) + colour.astype(np.float32) * alpha + 0.5).astype(
         np.uint8
     )
     h, w = labels.shape
-    ids, counts = np.unique(labels, return_counts=True)
-    present = [int(i) for i in ids[np.argsort(-counts, kind="stable")]]
+    entries = legend_entries(labels, class_names)
     font_size = int(np.clip(h / 30, 10, 28))
     font = _font(font_size)
     row = font_size + 6
-    names = {i: legend_name(class_names[i] if i < len(class_names) else str(i)) for i in present}
-    rows = max(1, len(present)) + (1 if note else 0)
-    width = max(int(font.getlength(names[i])) for i in present)
+    entries = [(legend_name(name), fill) for name, fill in entries]
+    rows = max(1, len(entries)) + (1 if note else 0)
+    width = max(int(font.getlength(name)) for name, _ in entries)
     if note:
         width = max(width, int(font.getlength(legend_name(note, 2 * LEGEND_MAX_CHARS))) - row)
     legend_w = width + row + 24
     canvas = Image.new("RGB", (w + legend_w, max(h, rows * row + 12)), (255, 255, 255))
     canvas.paste(Image.fromarray(blend), (0, 0))
     draw = ImageDraw.Draw(canvas)
-    for n, i in enumerate(present):
+    for n, (name, fill) in enumerate(entries):
         y = 6 + n * row
-        draw.rectangle(
-            [w + 8, y, w + 8 + font_size, y + font_size],
-            fill=tuple(int(v) for v in colours[i]),
-            outline=(0, 0, 0),
-        )
-        draw.text((w + 16 + font_size, y), names[i], fill=(0, 0, 0), font=font)
+        draw.rectangle([w + 8, y, w + 8 + font_size, y + font_size], fill=fill, outline=(0, 0, 0))
+        draw.text((w + 16 + font_size, y), name, fill=(0, 0, 0), font=font)
     if note:
-        draw.text((w + 8, 6 + len(present) * row), legend_name(note, 2 * LEGEND_MAX_CHARS), fill=(160, 0, 0),
-                  font=font)
+        note_y = 6 + len(entries) * row
+        draw.text((w + 8, note_y), legend_name(note, 2 * LEGEND_MAX_CHARS), fill=(160, 0, 0), font=font)
     return canvas
 
 
