@@ -31,6 +31,7 @@ def _text(nb: nbformat.NotebookNode) -> str:
     return "\n".join(out)
 
 
+@pytest.mark.slow
 def test_demo_notebook_runs_with_tiny_models(tmp_path):
     image = NOTEBOOKS.parent / "examples" / "astronaut.jpg"
     params = (
@@ -56,6 +57,7 @@ def _fake_run(folder: Path, k: int, miou: float, method: str = "lposs_plus") -> 
     (folder / "results.json").write_text(json.dumps(run))
 
 
+@pytest.mark.slow
 def test_analysis_notebook_plots_a_tiny_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     for i, (k, m) in enumerate([(10, 40.0), (20, 45.5), (40, 43.0)]):

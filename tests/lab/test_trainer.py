@@ -1,0 +1,92 @@
+"""Loggers, callbacks and the Trainer of `task=evaluate`, built by hydra.utils.instantiate from conf/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+from lposs_lab.errors import ConfigError
+from lposs_lab.lab.callbacks import EvaluationReport, ImageProgressBar, ShareCPUThreads
+from lposs_lab.lab.tasks.trainer import build_callbacks, build_loggers, build_trainer, finish_loggers
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cfg(tmp_path: Path, *overrides: str):
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        return compose(
+            "config",
+            overrides=[f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}", *overrides],
+        )
+
+
+@pytest.fixture
+def no_wandb_credentials(monkeypatch, tmp_path):
+    for key in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def test_csv_and_wandb_at_once_offline_without_credentials(tmp_path, no_wandb_credentials, capsys):
+    import os
+
+    loggers, options = build_loggers(_cfg(tmp_path, "logger=[csv,wandb]", "logger.wandb.log_images=3"))
+    try:
+        assert [type(lg) for lg in loggers] == [CSVLogger, WandbLogger]
+        csv, wb = loggers
+        assert Path(csv.save_dir) == tmp_path and csv.name == "csv"
+        assert options == {"csv": {}, "wandb": {"log_images": 3}}  # ours, not passed to WandbLogger
+        out = capsys.readouterr().out
+        assert out.count("no W&B credentials") == 1 and "logging offline" in out
+        assert os.environ["WANDB_MODE"] == "offline" and wb._offline
+        callbacks = build_callbacks(_cfg(tmp_path, "logger=[csv,wandb]"), options)
+        report = [c for c in callbacks if isinstance(c, EvaluationReport)]
+        assert len(report) == 1 and report[0].log_images == 3
+    finally:
+        finish_loggers(loggers)
+
+
+@pytest.mark.parametrize(
+    ("choice", "types"),
+    [("csv", [CSVLogger]), ("none", []), ("tensorboard", [TensorBoardLogger])],
+)
+def test_each_logger_choice(tmp_path, choice, types):
+    if choice == "tensorboard":
+        pytest.importorskip("tensorboard", reason="TensorBoardLogger needs tensorboard or tensorboardX")
+    loggers, options = build_loggers(_cfg(tmp_path, f"logger={choice}"))
+    assert [type(lg) for lg in loggers] == types
+    assert options == ({choice: {}} if types else {})
+
+
+def test_a_logger_entry_without_target_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="logger.x is not a logger config \\(no _target_\\)"):
+        build_loggers(_cfg(tmp_path, "logger=csv", "+logger.x.save_dir=y"))
+
+
+def test_callbacks_from_conf_and_nulled_ones_left_out(tmp_path):
+    kinds = [type(c) for c in build_callbacks(_cfg(tmp_path))]
+    assert kinds == [ImageProgressBar, ShareCPUThreads, EvaluationReport]
+    kinds = [type(c) for c in build_callbacks(_cfg(tmp_path, "callbacks.cpu_threads=null"))]
+    assert kinds == [ImageProgressBar, EvaluationReport]
+    kinds = [type(c) for c in build_callbacks(_cfg(tmp_path, "trainer.enable_progress_bar=false"))]
+    assert kinds == [ShareCPUThreads, EvaluationReport]
+
+
+def test_trainer_spawns_for_several_devices_and_follows_device(tmp_path, capsys):
+    cfg = _cfg(tmp_path, "device=cpu", "trainer.devices=2")
+    trainer = build_trainer(cfg, loggers=[], callbacks=[], todo=10)
+    assert type(trainer.strategy).__name__ == "DDPStrategy" and trainer.strategy._start_method == "spawn"
+    assert trainer.num_devices == 2 and trainer.strategy.root_device.type == "cpu"
+    one = build_trainer(_cfg(tmp_path, "device=cpu"), loggers=[], callbacks=[], todo=10)
+    assert one.num_devices == 1 and type(one.strategy).__name__ == "SingleDeviceStrategy"
+    assert one.logger is None and not one.checkpoint_callback  # no logger, no checkpoints
+    # fewer images left than processes: one process per image
+    few = build_trainer(_cfg(tmp_path, "device=cpu", "trainer.devices=4"), loggers=[], callbacks=[], todo=3)
+    assert few.num_devices == 3
+    assert "3 image(s) left, using 3 process(es) instead of 4" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="trainer.strategy=fsdp is not supported"):
+        build_trainer(_cfg(tmp_path, "trainer.strategy=fsdp"), loggers=[], callbacks=[], todo=1)
