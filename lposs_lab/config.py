@@ -163,7 +163,8 @@ class WindowConfig:
         n = "window"
         for name in ("size", "stride", "short_side", "long_side"):
             value = getattr(self, name)
-            low = 0 if name == "size" else 1
+            # no windows (size 0): the stride is unused and may be 0
+            low = 0 if name == "size" or (name == "stride" and self.size == 0) else 1
             _check(n, name, value, _integer(value) and value >= low, f"an integer >= {low}")
         _check(
             n,

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["UNKNOWN", "pamr", "Abstain", "abstain", "class_probabilities"]
+from .errors import ConfigError
+
+__all__ = ["UNKNOWN", "pamr", "PAMRStep", "Abstain", "abstain", "class_probabilities"]
 
 #: Label value of pixels that abstain (no class is probable enough): the usual ignore index.
 UNKNOWN = 255
@@ -132,6 +134,37 @@ def _weighted_neighbour_sum(m: Tensor, weights: Tensor, dilations: Sequence[int]
 
 
 @dataclass(frozen=True)
+class PAMRStep:
+    """PAMR as a post-processing step of :meth:`lposs_lab.LPOSS.predict` (NACLIP, PREDICTORS.md §6).
+
+    Called with the predictor's resized input image ``[3, h, w]`` in ``[0, 1]`` and the per-name scores
+    ``[Q, H, W]`` at the original size; the guide is that input CLIP-normalised (OpenAI mean/std) and
+    resized bilinearly to ``(H, W)``. Returns the refined ``[Q, H, W]`` scores.
+    """
+
+    iterations: int = 10
+    dilations: tuple[int, ...] = (8, 16)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dilations", tuple(int(d) for d in self.dilations))
+        if self.iterations < 0 or not self.dilations or min(self.dilations) < 1:
+            raise ConfigError(
+                f"postprocess: iterations={self.iterations} must be >= 0 and "
+                f"dilations={list(self.dilations)} a non-empty list of integers >= 1"
+            )
+
+    def __call__(self, image: Tensor, scores: Tensor) -> Tensor:
+        from .models.maskclip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"image must be [3, h, w], got {tuple(image.shape)}")
+        x = image.to(scores.device, torch.float32)
+        x = (x - x.new_tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)) / x.new_tensor(OPENAI_CLIP_STD).view(3, 1, 1)
+        guide = F.interpolate(x[None], size=tuple(scores.shape[-2:]), mode="bilinear", align_corners=False)[0]
+        return pamr(guide, scores, iterations=self.iterations, dilations=self.dilations)
+
+
+@dataclass(frozen=True)
 class Abstain:
     """Abstain where no class is probable enough (the methods' ``prob_thd`` / ``area_thd``).
 
@@ -158,13 +191,19 @@ class Abstain:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"abstain threshold is a probability in [0, 1], got {self.threshold}")
+            raise ConfigError(
+                f"unknown_threshold={self.threshold} is out of range; valid: a probability in [0, 1]"
+            )
         if not self.logit_scale > 0:
-            raise ValueError(f"logit_scale must be > 0, got {self.logit_scale}")
+            raise ConfigError(f"logit_scale={self.logit_scale} is out of range; valid: a number > 0")
         if self.background is not None and (int(self.background) != self.background or self.background < 0):
-            raise ValueError(f"background must be a class index >= 0 or None, got {self.background}")
+            raise ConfigError(
+                f"background={self.background} is out of range; valid: a class index >= 0 or null"
+            )
         if self.area_threshold is not None and not 0.0 <= self.area_threshold <= 1.0:
-            raise ValueError(f"area_threshold is a fraction in [0, 1], got {self.area_threshold}")
+            raise ConfigError(
+                f"area_threshold={self.area_threshold} is out of range; valid: a fraction in [0, 1]"
+            )
 
 
 def _owner_tensor(owner: Tensor | Sequence[int] | None, q: int, device: torch.device) -> Tensor:

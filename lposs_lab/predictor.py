@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -371,6 +371,7 @@ class LPOSS:
         *,
         image_id: str | None = None,
         abstain: Abstain | None = None,
+        postprocess: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> Prediction:
         """Segment one image (path, PIL image, numpy array or tensor) into the current classes.
 
@@ -384,6 +385,10 @@ class LPOSS:
                 pixels whose top probability is below ``abstain.threshold`` get
                 :data:`lposs_lab.UNKNOWN` (255) or ``abstain.background``. Elsewhere the labels are
                 the ones without the rule (but for area-filtered classes, see :func:`lposs_lab.abstain`).
+            postprocess: optional step on the per-name scores at the input size before the labels are
+                taken, ``f(resized image [3, h, w], scores [Q, H, W]) -> [Q, H, W]``, e.g.
+                :class:`lposs_lab.postprocess.PAMRStep` (NACLIP's protocol). The labels are then the argmax
+                over classes of the synonym max of its output; ``low_res_scores`` stay the scores before it.
 
         Returns:
             A :class:`Prediction` with the label map at the input size.
@@ -414,7 +419,7 @@ class LPOSS:
                 timings[key] += value
             if total is None:
                 total, size = scores, scores.shape[1:]
-                name_total = name_scores if abstain is not None else None
+                name_total = name_scores if abstain is not None or postprocess is not None else None
             else:  # ensemble: average the outputs of the window setups
                 if scores.shape[1:] != size:
                     scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
@@ -429,12 +434,15 @@ class LPOSS:
         scores = total / len(windows)
         h, w = feats.original_size
         labels, _ = resize_argmax(scores, h, w)
-        if abstain is not None:
-            assert name_total is not None
+        if name_total is not None:  # per-name scores at the input size: post-processing, abstaining
             full = F.interpolate(
                 (name_total / len(windows))[None], size=(h, w), mode="bilinear", align_corners=False
             )[0]
-            labels = apply_abstain(full, abstain, owner=self._owner, labels=labels)
+            if postprocess is not None:
+                full = postprocess(feats.image, full)
+                labels = self._reduce_synonyms(full).argmax(dim=0)
+            if abstain is not None:
+                labels = apply_abstain(full, abstain, owner=self._owner, labels=labels)
         timings["total"] = time.perf_counter() - t_start
         return Prediction(labels.cpu(), names, scores.cpu(), timings)
 

@@ -7,6 +7,7 @@ int64 label map of one dataset sample) and ``close()``.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,12 +19,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lposs_lab.config import LPOSSConfig
+from lposs_lab.files import atomic_write
 from lposs_lab.image_io import ImageError
+from lposs_lab.postprocess import Abstain
 
 from .cache import FeatureCacheSpec
 from .data.benchmarks import IGNORE_INDEX, load_label
 
-__all__ = ["PredictorSource", "SavedPredictions", "PatchOracle", "oracle_patch_labels", "read_prediction"]
+__all__ = [
+    "PredictorSource",
+    "SavedPredictions",
+    "PatchOracle",
+    "oracle_patch_labels",
+    "read_prediction",
+    "save_score_file",
+]
 
 
 @dataclass
@@ -36,6 +46,10 @@ class PredictorSource:
         classes: the benchmark's class names (``;`` synonyms), in label order.
         text_cache_dir: see :meth:`lposs_lab.LPOSS.from_config`.
         cache: optional feature cache (encoder outputs reused across runs).
+        abstain: optional abstain rule (``predict.unknown_threshold``), see :class:`lposs_lab.Abstain`.
+        postprocess: optional step on the per-name scores (``postprocess=pamr``).
+        save_scores: optional folder: each image's scores go to ``<id>.npz`` (float16 ``scores [C, h, w]``
+            at the resized image, and ``classes``), written atomically; ``task=refine`` reads them.
     """
 
     config: LPOSSConfig
@@ -43,6 +57,9 @@ class PredictorSource:
     classes: list[str]
     text_cache_dir: str | None = "auto"
     cache: FeatureCacheSpec | None = None
+    abstain: Abstain | None = None
+    postprocess: Any = None
+    save_scores: str | None = None
     predictor: Any = field(default=None, repr=False)
 
     def setup(self, device: torch.device) -> None:
@@ -59,7 +76,14 @@ class PredictorSource:
     def labels(self, sample: dict[str, Any], target: Tensor) -> Tensor:
         if self.predictor is None:
             raise RuntimeError("PredictorSource.labels called before setup(device)")
-        return self.predictor.predict(sample["image"], image_id=str(sample["id"])).labels
+        pred = self.predictor.predict(
+            sample["image"], image_id=str(sample["id"]), abstain=self.abstain, postprocess=self.postprocess
+        )
+        if self.save_scores:
+            save_score_file(
+                Path(self.save_scores) / f"{sample['id']}.npz", pred.low_res_scores, pred.class_names
+            )
+        return pred.labels
 
     def close(self) -> None:
         if self.predictor is not None and self.predictor.feature_cache is not None:
@@ -67,6 +91,16 @@ class PredictorSource:
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "predictor": None}  # workers build their own predictor
+
+
+def save_score_file(path: Path, scores: Tensor, class_names: list[str]) -> None:
+    """Write ``scores [C, h, w]`` (as float16) and ``classes`` to ``path`` (``.npz``), atomically."""
+    buf = io.BytesIO()
+    np.savez_compressed(
+        buf, scores=scores.float().cpu().numpy().astype(np.float16), classes=np.array(class_names)
+    )
+    with atomic_write(path) as fh:
+        fh.write(buf.getvalue())
 
 
 def read_prediction(

@@ -37,6 +37,10 @@ class DatasetError(UserError, ValueError):
     """A benchmark folder that cannot be used; the message is one line naming the problem and the fix."""
 
 
+#: benchmarks whose class 0 is "background" (PREDICTORS.md §6: the sets that use prob_thd / area_thd)
+_WITH_BACKGROUND = ("voc", "context", "coco_object")
+
+
 @dataclass(frozen=True)
 class BenchmarkInfo:
     """One benchmark as described in ``benchmarks.json``.
@@ -70,6 +74,11 @@ class BenchmarkInfo:
     def num_classes(self) -> int:
         """Number of classes scored (after ``reduce_zero_label``)."""
         return len(self.classes)
+
+    @property
+    def background(self) -> int | None:
+        """Index of the background class (VOC, Context, COCO-Object: 0), None for sets without one."""
+        return 0 if self.name in _WITH_BACKGROUND else None
 
     def layout(self, root: str | None = None) -> str:
         """The expected folder layout, e.g. ``<root>/{JPEGImages,SegmentationClass,ImageSets/...}``."""

@@ -37,6 +37,7 @@ _THIRD_PARTY = (
 TASKS = {
     "segment": "lposs_lab.lab.tasks.segment:segment",
     "evaluate": "lposs_lab.lab.tasks.evaluate:evaluate",
+    "refine": "lposs_lab.lab.tasks.refine:refine_task",
 }
 
 

@@ -15,6 +15,7 @@ from omegaconf.errors import InterpolationResolutionError
 
 from lposs_lab.config import LPOSSConfig
 from lposs_lab.errors import ConfigError, OutputError
+from lposs_lab.postprocess import Abstain, PAMRStep
 from lposs_lab.predictor import LPOSS
 
 from ..cache import FeatureCacheSpec
@@ -30,6 +31,8 @@ __all__ = [
     "hydra_overrides",
     "check_output_dir",
     "cache_spec",
+    "abstain_rule",
+    "postprocess_step",
 ]
 
 
@@ -39,7 +42,8 @@ def plain(node: Any) -> Any:
 
 
 def task_name(cfg: DictConfig) -> str:
-    """``task`` when given; else ``evaluate`` for a run naming a dataset, ``segment`` for images."""
+    """``task`` when given; else ``evaluate`` for a run naming a dataset (``refine`` with ``scores=``),
+    ``segment`` for one naming images."""
     from . import TASKS
 
     task = cfg.get("task")
@@ -56,7 +60,7 @@ def task_name(cfg: DictConfig) -> str:
             "'classes=\"a,b\"' to segment images (or say which with task=evaluate|segment)"
         )
     if has_dataset:
-        return "evaluate"
+        return "refine" if cfg.get("scores") else "evaluate"
     if has_image:
         return "segment"
     raise ConfigError(
@@ -161,3 +165,32 @@ def cache_spec(cfg: DictConfig, dataset: str) -> FeatureCacheSpec | None:
         shard_size=int(section.get("shard_size", 8)),
         dtype=str(section.get("dtype", "float32")),
     )
+
+
+def abstain_rule(cfg: DictConfig, background: int | None = None) -> Abstain | None:
+    """The ``predict.*`` abstain rule of a run (None when ``predict.unknown_threshold`` is unset).
+
+    ``background``: the class abstaining pixels get (benchmarks with a background class); None: unknown.
+    """
+    section = plain(cfg.get("predict")) or {}
+    threshold = section.get("unknown_threshold")
+    if threshold is None:
+        return None
+    area = section.get("area_threshold")
+    return Abstain(
+        threshold=float(threshold),
+        logit_scale=float(section.get("logit_scale", 40.0)),
+        background=background,
+        area_threshold=None if area is None else float(area),
+    )
+
+
+def postprocess_step(cfg: DictConfig) -> PAMRStep | None:
+    """The ``postprocess`` group: ``none`` (None) or ``pamr`` (a :class:`PAMRStep`)."""
+    section = plain(cfg.get("postprocess")) or {}
+    name = str(section.get("name", "none"))
+    if name == "none":
+        return None
+    if name == "pamr":
+        return PAMRStep(int(section.get("iterations", 10)), tuple(section.get("dilations", (8, 16))))
+    raise ConfigError(f"unknown postprocess {name!r}; valid: none, pamr (e.g. postprocess=pamr)")

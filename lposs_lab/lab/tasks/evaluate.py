@@ -32,18 +32,20 @@ from ..data.dataset import SegmentationDataset
 from ..records import StateStore, summarize
 from ..tables import method_label, results_table
 from .config import (
+    abstain_rule,
     cache_spec,
     check_output_dir,
     hydra_overrides,
     lposs_config,
     method_name,
     plain,
+    postprocess_step,
     run_dir_of,
     text_cache_dir,
 )
 from .launch import EvaluationStopped, launched_world_size, process_rank, shared_dirs_are_explicit
 
-__all__ = ["EvalPlan", "plan_evaluation", "run_evaluation", "write_results", "evaluate"]
+__all__ = ["EvalPlan", "dataset_of", "plan_evaluation", "run_evaluation", "write_results", "evaluate"]
 
 # top-level keys of task overrides that describe an ablation (shown in the table's row label)
 _ABLATION_KEYS = ("vm", "vlm", "lp", "pixel", "window", "encoder_dtype")
@@ -77,7 +79,8 @@ class EvalPlan:
         return len(self.dataset) - len(self.done)
 
 
-def _dataset(cfg: DictConfig) -> tuple[BenchmarkInfo, SegmentationDataset]:
+def dataset_of(cfg: DictConfig) -> tuple[BenchmarkInfo, SegmentationDataset]:
+    """The benchmark and its dataset a run names (``dataset``, ``data_root``, ``limit``), checked."""
     ds_cfg = cfg.get("dataset")
     if not ds_cfg or not ds_cfg.get("name"):
         raise UserError(f"no dataset given: pass dataset=NAME, one of: {', '.join(BENCHMARKS)}")
@@ -129,7 +132,20 @@ def _source(cfg: DictConfig, info: BenchmarkInfo, dataset: SegmentationDataset) 
             {"mode": "oracle_patch", "oracle": {"patch": oracle.patch, "mode": oracle.mode}},
         )
     cache = cache_spec(cfg, f"{info.name}@{dataset.data_root.expanduser().resolve()}")
-    source = PredictorSource(config, method, list(info.classes), text_cache_dir(cfg), cache)
+    save = cfg.get("save_scores")
+    scores_dir = None if save in (None, False) else str(run_dir_of(cfg) / "scores" if save is True else save)
+    if scores_dir is not None:
+        check_output_dir(scores_dir)
+    source = PredictorSource(
+        config,
+        method,
+        list(info.classes),
+        text_cache_dir(cfg),
+        cache,
+        abstain=abstain_rule(cfg, background=info.background),
+        postprocess=postprocess_step(cfg),
+        save_scores=scores_dir,
+    )
     meta = {
         "mode": "model",
         "method": method,
@@ -137,13 +153,15 @@ def _source(cfg: DictConfig, info: BenchmarkInfo, dataset: SegmentationDataset) 
         "vlm": config.vlm,
         "encoder_dtype": config.encoder_dtype,
         **{k: plain(cfg[k]) for k in ("lp", "pixel", "window")},
+        "predict": plain(cfg.get("predict")),
+        "postprocess": plain(cfg.get("postprocess")),
     }
     return method, source, meta
 
 
 def plan_evaluation(cfg: DictConfig) -> EvalPlan:
     """Check the run config, the data, the outputs and the resume state; build nothing, write nothing."""
-    info, dataset = _dataset(cfg)
+    info, dataset = dataset_of(cfg)
     method, source, meta = _source(cfg, info, dataset)
     mcfg = cfg.get("metrics") or {}
     boundary = bool(mcfg.get("boundary", False))

@@ -23,7 +23,7 @@ from lposs_lab.image_io import load_image
 from lposs_lab.text import parse_classes
 from lposs_lab.viz import label_image, overlay, save_png
 
-from .config import build_predictor, check_output_dir
+from .config import abstain_rule, build_predictor, check_output_dir, postprocess_step
 
 __all__ = ["segment", "output_names", "OUTPUT_SUFFIXES"]
 
@@ -94,13 +94,14 @@ def segment(cfg: DictConfig) -> list[dict]:
     out = Path(str(cfg.get("out") or "outputs")).expanduser()
     plans = [_outputs(out, stem, cfg) for stem in output_names(paths)]
     _check_outputs(out, plans, paths)
+    abstain, postprocess = abstain_rule(cfg), postprocess_step(cfg)  # checked before the model is built
     model = build_predictor(cfg)
     model.set_classes(classes)
     random_init = _random_init(model)
     note = "random-init weights: meaningless" if random_init else None
     results = []
     for path, files, image in zip(paths, plans, images, strict=True):
-        pred = model.predict(image)
+        pred = model.predict(image, abstain=abstain, postprocess=postprocess)
         labels = pred.labels.numpy()
         save_png(label_image(labels), files["labels"])
         if "overlay" in files:
