@@ -1,8 +1,10 @@
 """`run.py task=segment` end to end with the tiny random models, and its bad inputs."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from PIL import Image
 from lposs_lab import LPOSS, LPOSSConfig, PixelConfig, WindowConfig
 
 TINY = ["vm=tiny_random", "vlm=tiny_random", "device=cpu", "window.short_side=112"]
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def run(repo, tmp_path, *args, task="segment"):
@@ -85,27 +88,47 @@ def _write(path, data):
     return path
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("make", "classes", "message"),
-    [
-        (lambda d: d / "missing.png", '"a,b"', "image not found"),
-        (lambda d: d, '"a,b"', "directory"),
-        (lambda d: _write(d / "empty.png", b""), '"a,b"', "empty"),
-        (lambda d: _write(d / "bad.jpg", b"nope"), '"a,b"', "not a readable image"),
-        (lambda d: _img(d), "' '", "class list is empty"),
-        (lambda d: _img(d), "';,;'", "class list is empty"),
-    ],
-)
-def test_bad_input_one_line_error_no_output(repo_root, tmp_path, make, classes, message):
+BAD_INPUTS = [
+    (lambda d: d / "missing.png", '"a,b"', "image not found"),
+    (lambda d: d, '"a,b"', "directory"),
+    (lambda d: _write(d / "empty.png", b""), '"a,b"', "empty"),
+    (lambda d: _write(d / "bad.jpg", b"nope"), '"a,b"', "not a readable image"),
+    (lambda d: _img(d), "' '", "class list is empty"),
+    (lambda d: _img(d), "';,;'", "class list is empty"),
+]
+
+
+@pytest.mark.parametrize(("make", "classes", "message"), BAD_INPUTS)
+def test_bad_input_one_line_error_no_output(tmp_path, capsys, monkeypatch, make, classes, message):
+    """In-process through run_task (what run.py calls): exit 2, one line, nothing written."""
+    from hydra import compose, initialize_config_dir
+
+    from lposs_lab.lab.tasks import run_task
+
+    monkeypatch.setenv("PYTHONWARNINGS", os.environ.get("PYTHONWARNINGS", "default"))  # run_task sets it
     path = make(tmp_path)
     out = tmp_path / "out"
-    res = run(repo_root, tmp_path, f"image={path}", f"classes={classes}", f"out={out}")
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("config", overrides=[
+            f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'hydra'}", *TINY,
+            f"image={path}", f"classes={classes}", f"out={out}",
+        ])  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        run_task(cfg)
+    assert exc.value.code == 2
+    lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_bad_input_through_run_py_is_one_line_exit_2(repo_root, tmp_path):
+    out = tmp_path / "out"
+    res = run(repo_root, tmp_path, f"image={tmp_path / 'missing.png'}", 'classes="a,b"', f"out={out}")
     assert res.returncode == 2
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
-    assert "Traceback" not in res.stderr
-    assert not out.exists() or list(out.iterdir()) == []
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "image not found" in lines[0], res.stderr
+    assert "Traceback" not in res.stderr and not out.exists()
 
 
 @pytest.mark.slow
