@@ -73,7 +73,7 @@ def image_record(
 
     Args:
         image_id: the dataset id.
-        iou: this image's :class:`SegmentationIoU` states ``{name: tensor}`` (see :meth:`SegmentationIoU.counts`).
+        iou: this image's :class:`SegmentationIoU` states ``{name: tensor}`` (its ``counts()``).
         boundary: optionally its :class:`BoundaryIoU` states.
         miou: this image's own mIoU in [0, 1] (NaN/None when it has no scored pixel).
         seconds: time spent predicting this image.

@@ -135,15 +135,19 @@ def resolve_root(info: BenchmarkInfo, data_root: str | os.PathLike) -> Path:
         DatasetError: none of them holds the image folder; names the missing folder and the layout.
     """
     data_root = Path(data_root)
-    if not data_root.is_dir():
-        raise DatasetError(f"data root {data_root} not found; pass the folder that holds {info.root}/")
     primary = data_root / info.root
+    fix = "set $LPOSS_DATA_DIR or pass paths.data_dir=DIR (the folder holding it); see docs/reproduce.md"
+    if not data_root.is_dir():
+        raise DatasetError(
+            f"data root {data_root} not found ({info.name} expected as {info.layout(str(primary))}); {fix}"
+        )
     candidates = [primary, data_root / Path(info.root).name, data_root]
     for cand in candidates:
         if (cand / info.images).is_dir():
             return cand
     raise DatasetError(
-        f"{primary / info.images} not found; expected the MMSegmentation layout {info.layout(str(primary))}"
+        f"{primary / info.images} not found; expected the MMSegmentation layout {info.layout(str(primary))} "
+        f"for {info.name} in the data folder {data_root}; {fix}"
     )
 
 
