@@ -2,7 +2,9 @@
 
 Runs are results dicts (``results.json`` of ``task=evaluate``). A table has one row per configuration, one
 column per dataset in the paper's order, then ``Avg`` (when a row covers all 8 datasets) and ``Paper Avg``;
-rows that are the paper's default setting get a ``paper`` row with SPEC section 6's numbers under them.
+rows that are the paper's default setting get a ``paper`` row with SPEC section 6's numbers under them, and
+rows whose ``report.paper`` maps datasets to published numbers (``conf/experiment/own_*.yaml``) get a
+``published`` row.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ __all__ = [
     "config_value",
     "group_runs",
     "method_label",
+    "predictor_label",
     "results_table",
     "run_info",
     "run_overrides",
@@ -61,9 +64,23 @@ _METHOD_LABELS = {
 }
 
 
+_PREDICTOR_LABELS = {
+    "sclip": "SCLIP",
+    "clearclip": "ClearCLIP",
+    "naclip": "NACLIP",
+    "proxyclip": "ProxyCLIP",
+    "scclip": "SC-CLIP",
+}
+
+
 def method_label(method: str) -> str:
     """Display name of a method (``lposs_plus`` -> ``LPOSS+``)."""
     return _METHOD_LABELS.get(method, method)
+
+
+def predictor_label(vlm: str | None) -> str | None:
+    """Display name of an initial predictor other than MaskCLIP (``sclip_b16`` -> ``SCLIP``), else None."""
+    return _PREDICTOR_LABELS.get(str(vlm or "").split("_")[0])
 
 
 def config_value(config: Mapping[str, Any], dotted: str) -> Any:
@@ -120,14 +137,31 @@ def varying_keys(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     return sorted(k for k, v in keys.items() if len(v) > 1)
 
 
-def _row_label(run: Mapping[str, Any], varying: Sequence[str]) -> str:
+def _base_label(run: Mapping[str, Any]) -> str:
+    """``report.row``; else the method after the initial predictor unless MaskCLIP (``SCLIP + LPOSS+``)."""
+    config = run.get("config") or {}
+    row = (config.get("report") or {}).get("row")
+    if row:
+        return str(row)
+    method = str(run.get("method"))
+    predictor = predictor_label(config_value(config, "vlm.name"))
+    if predictor is None:
+        return method_label(method)
+    return predictor if method == "maskclip" else f"{predictor} + {method_label(method)}"
+
+
+def _row_label(run: Mapping[str, Any], varying: Sequence[str] | None) -> str:
+    """``varying=None`` (nothing varies between the table's runs): the run's own label. Else its base label
+    and ``varying``, the keys that vary among the runs sharing that base (none when the base already tells
+    them apart: ``report.row``, or predictor + method)."""
     info = run_info(run)
     # runs made with random-init weights say so in every table (their numbers are meaningless)
     mark = " (random init)" if run.get("random_init") else ""
-    if not varying:
+    if varying is None:
         return info["row"] + mark
-    has_row = bool(((run.get("config") or {}).get("report") or {}).get("row"))
-    base = info["row"] if has_row else method_label(str(run.get("method")))
+    base = _base_label(run)
+    if not varying:
+        return base + mark
     ov = run_overrides(run)
     return base + " [" + ", ".join(f"{k}={ov.get(k, '-')}" for k in varying) + "]" + mark
 
@@ -175,26 +209,37 @@ def results_table(
         all_datasets: a column for each of the 8 benchmarks (the report) or only for those present
             (the summary printed after one evaluation).
     """
-    varying = varying_keys(runs)
+    by_base: dict[str, list[Mapping[str, Any]]] = {}
+    for r in runs:
+        by_base.setdefault(_base_label(r), []).append(r)
+    varying = {base: varying_keys(group) for base, group in by_base.items()} if varying_keys(runs) else {}
     values: dict[str, dict[str, float | None]] = {}
-    meta: dict[str, tuple[str, Any]] = {}
+    meta: dict[str, tuple[str, Any, Any]] = {}
     for r in runs:
         if metric not in r:
             continue
-        label = _row_label(r, varying)
+        label = _row_label(r, varying[_base_label(r)] if varying else None)
         values.setdefault(label, {})[str(r.get("dataset"))] = r.get(metric)
-        meta[label] = (str(r.get("method")), run_info(r)["paper_avg"])
+        published = ((r.get("config") or {}).get("report") or {}).get("paper")
+        meta[label] = (str(r.get("method")), run_info(r)["paper_avg"], published)
     present = {d for v in values.values() for d in v}
     datasets = [d for d in DATASET_COLUMNS if all_datasets or d in present]
     cols = datasets + sorted(present - set(DATASET_COLUMNS))
     title, table_name = _TITLES.get(metric, (metric, "paper"))
     rows: list[tuple[str, tuple[str, ...]]] = []
     for label, vals in values.items():
-        method, paper_avg = meta[label]
+        method, paper_avg, published = meta[label]
         got = [vals.get(d) for d in DATASET_COLUMNS]
         avg = sum(got) / len(got) if all(v is not None for v in got) else None
         ref = PAPER.get(metric, {}).get(method) if paper else None
         default_row = label == method_label(method)
+        if paper and metric == "mIoU" and isinstance(published, Mapping) and published:
+            pub = {d: float(v) for d, v in published.items() if v is not None}
+            pub_avg = sum(pub.values()) / len(pub) if set(DATASET_COLUMNS) <= set(pub) else None
+            shown = paper_avg if paper_avg is not None else pub_avg
+            rows.append((label, tuple(_fmt(vals.get(d)) for d in cols) + (_fmt(avg), _fmt(shown))))
+            rows.append(("  published", tuple(_fmt(pub.get(d)) for d in cols) + (_fmt(pub_avg), "")))
+            continue
         ref_avg = sum(ref.values()) / len(ref) if ref and default_row else None
         shown = (paper_avg if metric == "mIoU" and paper_avg is not None else ref_avg) if paper else None
         rows.append((label, tuple(_fmt(vals.get(d)) for d in cols) + (_fmt(avg), _fmt(shown))))
