@@ -28,7 +28,7 @@ from lposs_lab.errors import ConfigError, OutputError
 from lposs_lab.lab.data import DatasetError, SegmentationDataset
 from lposs_lab.lab.records import StateStoreError
 from lposs_lab.lab.sources import oracle_patch_labels
-from lposs_lab.lab.tasks import UserError
+from lposs_lab.lab.tasks import TASKS, UserError
 from lposs_lab.lab.tasks.evaluate import evaluate, plan_evaluation
 
 TINY = ["vm=tiny_random", "vlm=tiny_random", "device=cpu", "window.short_side=64", "num_workers=0"]
@@ -243,7 +243,7 @@ def test_run_py_a_bug_exits_1_with_a_traceback(tmp_path):
     [
         (["dataset=voc20", "image=x.jpg"], "both dataset= and image= given"),
         ([], "nothing to do: pass dataset=NAME to evaluate a benchmark"),
-        (["task=train"], "unknown task 'train'; valid tasks: evaluate, segment"),
+        (["task=train"], "unknown task 'train'; valid tasks: " + ", ".join(sorted(TASKS))),
     ],
     ids=["both", "neither", "unknown"],
 )
