@@ -235,7 +235,9 @@ def class_probabilities(
         raise ValueError(f"scores must be a float tensor, got {scores.dtype}")
     q = scores.shape[0]
     own = _owner_tensor(owner, q, scores.device)
-    prob = torch.softmax(logit_scale * scores.float(), dim=0)
+    prob = torch.softmax(
+        logit_scale * scores.to(torch.float64 if scores.dtype == torch.float64 else torch.float32), dim=0
+    )
     c = int(own.max()) + 1
     if c == q and bool((own == torch.arange(q, device=own.device)).all()):
         return prob
@@ -268,7 +270,8 @@ def abstain(
     Returns:
         ``[H, W]`` int64 labels on the device of ``scores``.
     """
-    prob = class_probabilities(scores, logit_scale=rule.logit_scale, owner=owner)
+    # float64: with large logit scales a float32 softmax saturates to exactly 1.0 and no pixel could abstain
+    prob = class_probabilities(scores.double(), logit_scale=rule.logit_scale, owner=owner)
     c = prob.shape[0]
     if rule.background is not None and rule.background >= c:
         raise ValueError(f"background class {rule.background} out of range for {c} classes")
@@ -294,4 +297,7 @@ def abstain(
             labels = torch.where(small[labels], prob.argmax(dim=0), labels)
     top = prob.max(dim=0).values
     fill = UNKNOWN if rule.background is None else int(rule.background)
+    if rule.threshold >= 1.0 and scores.shape[0] > 1:
+        # with two names or more every probability is below 1 (even where float64 rounds it to 1)
+        return torch.full_like(labels, fill)
     return torch.where(top < rule.threshold, torch.full_like(labels, fill), labels)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ def load_scores(path: Path, num_classes: int) -> torch.Tensor:
         arr = np.asarray(arr)
     except KeyError:
         raise UserError(f"score file {path} has no 'scores' array (keys: {', '.join(data.files)})") from None
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise UserError(f"cannot read score file {path}: {' '.join(str(exc).split())[:120]}") from None
     if arr.ndim != 3 or arr.dtype.kind not in "fiu":
         raise UserError(
@@ -103,7 +104,7 @@ def refine_task(cfg: DictConfig) -> dict[str, Any]:
     """Run ``task=refine``; returns the results dict after writing ``results_json``."""
     info, dataset = dataset_of(cfg)
     refiner = _refiner(cfg)
-    pixel = lposs_config(cfg).pixel  # validates the pixel.* overrides
+    config = lposs_config(cfg)  # validates the pixel.* and window.* overrides
     if not cfg.get("scores"):
         raise UserError("task=refine needs scores=DIR, the folder of <id>.npz / <id>.npy score maps")
     folder = Path(str(cfg.scores)).expanduser()
@@ -141,7 +142,7 @@ def refine_task(cfg: DictConfig) -> dict[str, Any]:
         h, w = target.shape
         labels_before, _ = resize_argmax(scores, h, w)
         t1 = time.perf_counter()
-        labels_after = _refine(refiner, sample["image"], scores, pixel, device)
+        labels_after = _refine(refiner, sample["image"], scores, config, device)
         seconds = time.perf_counter() - t1
         for metrics, labels in ((before, labels_before), (after, labels_after)):
             for metric in metrics.values():
@@ -193,15 +194,18 @@ def _samples(dataset: SegmentationDataset):
 
 @torch.inference_mode()
 def _refine(
-    refiner: str, image: np.ndarray, scores: torch.Tensor, pixel: Any, device: torch.device
+    refiner: str, image: np.ndarray, scores: torch.Tensor, config: Any, device: torch.device
 ) -> torch.Tensor:
     h, w = image.shape[:2]
-    if refiner == "lposs_plus":
+    if refiner == "lposs_plus":  # the pixel stage at the resize of window.short_side / long_side (SPEC §1)
+        px, win = config.pixel, config.window
         kwargs = {
-            k: getattr(pixel, k)
+            k: getattr(px, k)
             for k in ("r", "tau", "alpha", "max_iter", "tol", "spatial", "sigma_s", "backend", "max_bytes")
         }
-        return refine(image, scores, device=device, **kwargs).labels
+        return refine(
+            image, scores, device=device, short_side=win.short_side, long_side=win.long_side, **kwargs
+        ).labels
     if refiner == "pamr":
         full = F.interpolate(scores[None], size=(h, w), mode="bilinear", align_corners=False)[0]
         rgb = torch.from_numpy(image).to(device).permute(2, 0, 1).float() / 255.0
