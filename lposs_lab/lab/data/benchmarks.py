@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lposs_lab.errors import UserError
+from lposs_lab.errors import ConfigError, UserError
 from lposs_lab.image_io import ImageError
 
 __all__ = [
@@ -116,12 +116,14 @@ def get_benchmark(name: str | BenchmarkInfo) -> BenchmarkInfo:
     """Look up a benchmark by name.
 
     Raises:
-        ValueError: unknown name; the message lists the valid names.
+        ConfigError: unknown name; the message lists the valid names.
     """
     if isinstance(name, BenchmarkInfo):
         return name
     if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; choose one of: {', '.join(BENCHMARKS)}")
+        raise ConfigError(
+            f"unknown benchmark {name!r}; choose one of: {', '.join(BENCHMARKS)} (dataset=NAME)"
+        )
     return BENCHMARKS[name]
 
 

@@ -186,6 +186,9 @@ def plan_evaluation(cfg: DictConfig) -> EvalPlan:
             "hydra.run.dir=DIR (or state_dir=DIR) on a filesystem all of them share, so they agree on "
             "where per-image results go"
         )
+    from .trainer import check_trainer
+
+    check_trainer(cfg)
     store.check(meta, resume)
     done = [k for k in dataset.ids if k in store.done_ids()] if resume else []
     overrides = hydra_overrides()

@@ -20,7 +20,14 @@ from lposs_lab.errors import ConfigError
 
 from .config import plain
 
-__all__ = ["LoggerOptions", "build_loggers", "build_callbacks", "build_trainer", "finish_loggers"]
+__all__ = [
+    "LoggerOptions",
+    "build_loggers",
+    "build_callbacks",
+    "check_trainer",
+    "build_trainer",
+    "finish_loggers",
+]
 
 #: keys of a logger config that are ours, not the logger class's
 _OWN_KEYS = ("log_images",)
@@ -71,8 +78,7 @@ def _wandb_mode(kwargs: dict[str, Any]) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     mode = os.environ.get("WANDB_MODE", "")
     if kwargs.get("offline") or mode in ("offline", "dryrun"):
-        kwargs["offline"] = True
-        os.environ["WANDB_MODE"] = "offline"
+        kwargs["offline"] = True  # this run only: the next job of a multirun decides afresh
     elif mode != "disabled" and not wandb_has_credentials():
         print(
             "note: no W&B credentials (wandb login / WANDB_API_KEY): logging offline; "
@@ -115,17 +121,11 @@ def _accelerator(cfg: DictConfig) -> tuple[str, Any]:
     return acc, devices
 
 
-def build_trainer(cfg: DictConfig, *, loggers: list[Any], callbacks: list[Any], todo: int) -> Any:
-    """The test-only Trainer of ``cfg.trainer``.
-
-    ``strategy=auto`` with more than one device becomes ``ddp_spawn``: it starts the workers from inside the
-    running Hydra app (Lightning's ``ddp`` re-launches the script, which breaks Hydra multirun); on CPU the
-    processes talk over gloo. With fewer images left than devices, one process per image.
-    """
+def check_trainer(cfg: DictConfig) -> None:
+    """The trainer settings a run can use (checked while planning, before anything is built or written)."""
     tr = cfg.get("trainer")
     if tr is None or "_target_" not in tr:
         raise ConfigError("trainer config has no _target_; use trainer=default (conf/trainer/default.yaml)")
-    accelerator, devices = _accelerator(cfg)
     strategy = str(tr.get("strategy", "auto"))
     if strategy not in ("auto", "ddp_spawn", "ddp"):
         raise ConfigError(
@@ -133,6 +133,19 @@ def build_trainer(cfg: DictConfig, *, loggers: list[Any], callbacks: list[Any], 
             "ddp_spawn (one node, workers started from this run), ddp (torchrun, SLURM, or Lightning "
             "re-launching run.py)"
         )
+
+
+def build_trainer(cfg: DictConfig, *, loggers: list[Any], callbacks: list[Any], todo: int) -> Any:
+    """The test-only Trainer of ``cfg.trainer``.
+
+    ``strategy=auto`` with more than one device becomes ``ddp_spawn``: it starts the workers from inside the
+    running Hydra app (Lightning's ``ddp`` re-launches the script, which breaks Hydra multirun); on CPU the
+    processes talk over gloo. With fewer images left than devices, one process per image.
+    """
+    check_trainer(cfg)
+    tr = cfg.trainer
+    accelerator, devices = _accelerator(cfg)
+    strategy = str(tr.get("strategy", "auto"))
     if isinstance(devices, int) and 0 < todo < devices:
         print(f"note: {todo} image(s) left, using {todo} process(es) instead of {devices}")
         devices = todo
