@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 
 
 def main() -> None:
@@ -34,8 +34,8 @@ def main() -> None:
     import torch
     from synthetic_data import make_dataset
 
-    from lposs_lab.lab.cache import attach_feature_cache
     from lposs_lab.config import LPConfig, LPOSSConfig, WindowConfig
+    from lposs_lab.lab.cache import attach_feature_cache
     from lposs_lab.lab.data import SegmentationDataset
     from lposs_lab.models import create_vlm, create_vm
     from lposs_lab.predictor import LPOSS
