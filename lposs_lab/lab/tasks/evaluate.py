@@ -160,7 +160,10 @@ def _source(cfg: DictConfig, info: BenchmarkInfo, dataset: SegmentationDataset) 
 
 
 def plan_evaluation(cfg: DictConfig) -> EvalPlan:
-    """Check the run config, the data, the outputs and the resume state; build nothing, write nothing."""
+    """Check the run config, the data, the outputs and the resume state; build nothing.
+
+    The output folders are created (to check they are writable); no file is written.
+    """
     info, dataset = dataset_of(cfg)
     method, source, meta = _source(cfg, info, dataset)
     mcfg = cfg.get("metrics") or {}
@@ -190,7 +193,8 @@ def plan_evaluation(cfg: DictConfig) -> EvalPlan:
 
     check_trainer(cfg)
     store.check(meta, resume)
-    done = [k for k in dataset.ids if k in store.done_ids()] if resume else []
+    have = store.done_ids() if resume else set()
+    done = [k for k in dataset.ids if k in have]
     overrides = hydra_overrides()
     ablation = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] in _ABLATION_KEYS]
     label = method_label(method) + (f" [{', '.join(ablation)}]" if ablation else "")
