@@ -95,7 +95,7 @@ class EvaluationReport(pl.Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        ids = list(pl_module.hparams.get("ids") or [])
+        ids = list(getattr(pl_module, "ids", None) or [])
         if not ids:
             return
         summary = summarize(

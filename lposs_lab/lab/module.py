@@ -87,6 +87,7 @@ class EvalModule(pl.LightningModule):
         source: where label maps come from (:mod:`lposs_lab.lab.sources`).
         store: where the per-image records go.
         resumed: records of images evaluated by an earlier run (counted once, on rank 0).
+        ids: every image id of the split (the per-class/per-image tables of the callbacks read their records).
         boundary: also compute Boundary IoU; ``dilation_ratio``: its band width.
         save_predictions: optional folder to write each predicted label map to as ``<id>.png``.
         hparams: logged as hyperparameters (the resolved run config, the package version).
@@ -99,6 +100,7 @@ class EvalModule(pl.LightningModule):
         store: StateStore,
         *,
         resumed: Sequence[dict[str, Any]] = (),
+        ids: Sequence[str] = (),
         boundary: bool = False,
         dilation_ratio: float = 0.02,
         save_predictions: str | None = None,
@@ -110,6 +112,7 @@ class EvalModule(pl.LightningModule):
         self.source = source
         self.store = store
         self.resumed = list(resumed)
+        self.ids = list(ids)
         self.save_predictions = save_predictions
         self.iou = SegmentationIoU(self.num_classes)
         self.biou = BoundaryIoU(self.num_classes, dilation_ratio=dilation_ratio) if boundary else None

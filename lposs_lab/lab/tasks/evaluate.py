@@ -238,6 +238,7 @@ def run_evaluation(plan: EvalPlan, cfg: DictConfig) -> int | None:
         plan.source,
         plan.store,
         resumed=plan.store.load(plan.done) if plan.done else (),
+        ids=plan.dataset.ids,
         boundary=plan.boundary,
         dilation_ratio=plan.dilation_ratio,
         save_predictions=plan.save_predictions,
@@ -246,7 +247,6 @@ def run_evaluation(plan: EvalPlan, cfg: DictConfig) -> int | None:
             "lposs_lab_version": __version__,
             "label": plan.label,
             "dataset": plan.info.name,
-            "ids": plan.dataset.ids,
         },
     )
     datamodule = EvalDataModule(plan.dataset, skip=plan.done, num_workers=plan.num_workers)
