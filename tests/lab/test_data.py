@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from synthetic_data import EXTRA_ID, expected_ids, make_dataset
 
+from lposs_lab.errors import ConfigError
 from lposs_lab.lab.data import BENCHMARKS, DatasetError, SegmentationDataset, collate_samples, get_benchmark
 from lposs_lab.lab.data.coco_object import (
     COCO_THING_IDS,
@@ -55,7 +56,8 @@ def test_benchmark_table():
 def test_unknown_benchmark_lists_valid_names():
     with pytest.raises(ValueError) as exc:
         get_benchmark("pascal")
-    assert str(exc.value) == f"unknown benchmark 'pascal'; choose one of: {', '.join(NAMES)}"
+    assert str(exc.value) == f"unknown benchmark 'pascal'; choose one of: {', '.join(NAMES)} (dataset=NAME)"
+    assert isinstance(exc.value, ConfigError)  # a user error: one line, exit 2
 
 
 # ---------------------------------------------------------------- the 8 layouts
