@@ -530,6 +530,8 @@ def test_multirun_with_csv_and_offline_wandb_and_a_corrupt_image(tmp_path):
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert "no W&B credentials (wandb login / WANDB_API_KEY): logging offline" in res.stdout
+    assert res.stdout.count("no W&B credentials") == 2  # said for each sweep point, not only the first
+    assert "anonymous" not in res.stdout + res.stderr  # no third-party deprecation noise
     for job, k in (("0", 20), ("1", 40)):
         folder = tmp_path / "sweep" / job
         out = json.loads((folder / "results.json").read_text())

@@ -69,16 +69,30 @@ def build_loggers(cfg: DictConfig) -> tuple[list[Any], LoggerOptions]:
             _wandb_mode(kwargs)
         if "save_dir" in kwargs and kwargs["save_dir"]:
             Path(str(kwargs["save_dir"])).mkdir(parents=True, exist_ok=True)
-        loggers.append(instantiate(kwargs))
+        logger = instantiate(kwargs)
+        if kwargs["_target_"].endswith("WandbLogger"):
+            # Lightning always hands wandb.init an `anonymous` value; current wandb warns about the setting
+            # on every run even when it is None. Leave it out (it has no effect there).
+            init = getattr(logger, "_wandb_init", None)
+            if isinstance(init, dict) and init.get("anonymous") is None:
+                init.pop("anonymous", None)
+        loggers.append(logger)
     return loggers, options
 
 
+#: WANDB_MODE values left in the environment by an earlier run of this process (ours, or Lightning's "dryrun"
+#: for an offline WandbLogger): the next job of a multirun decides, and says, afresh
+_LEFT_BY_US: set[str] = {"dryrun"}
+
+
 def _wandb_mode(kwargs: dict[str, Any]) -> None:
-    """W&B never prompts: offline (and said so) when there are no credentials."""
+    """W&B never prompts: offline (and said so, for every run) when there are no credentials."""
     os.environ.setdefault("WANDB_SILENT", "true")
     mode = os.environ.get("WANDB_MODE", "")
-    if kwargs.get("offline") or mode in ("offline", "dryrun"):
-        kwargs["offline"] = True  # this run only: the next job of a multirun decides afresh
+    if mode in _LEFT_BY_US:
+        mode = ""
+    if kwargs.get("offline") or mode == "offline":
+        kwargs["offline"] = True
     elif mode != "disabled" and not wandb_has_credentials():
         print(
             "note: no W&B credentials (wandb login / WANDB_API_KEY): logging offline; "
@@ -86,6 +100,7 @@ def _wandb_mode(kwargs: dict[str, Any]) -> None:
         )
         kwargs["offline"] = True
         os.environ["WANDB_MODE"] = "offline"
+        _LEFT_BY_US.add("offline")
 
 
 def build_callbacks(cfg: DictConfig, options: LoggerOptions | None = None) -> list[Any]:
