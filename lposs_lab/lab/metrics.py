@@ -80,7 +80,48 @@ def _confusion_counts(
     return inter, area_p, area_t, hit.sum(), valid.sum()
 
 
-class SegmentationIoU(Metric):
+class _CountMetric(Metric):
+    """A metric whose states are integer counts: ``counts()`` of some images, accumulated by ``update``.
+
+    Subclasses name their states in ``STATES`` and compute them in :meth:`counts`.
+    """
+
+    STATES: tuple[str, ...] = ()
+
+    def counts(self, pred: Tensor, target: Tensor) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def add_counts(self, counts: dict[str, Tensor]) -> None:
+        """Accumulate states computed by :meth:`counts` (of this process or saved by an earlier run)."""
+        self.update(counts=counts)
+
+    def update(
+        self,
+        pred: Tensor | None = None,
+        target: Tensor | None = None,
+        *,
+        counts: dict[str, Tensor] | None = None,
+    ) -> None:
+        """Add images (see :meth:`counts` for ``pred`` and ``target``), or counts made by :meth:`counts`."""
+        if counts is None:
+            if pred is None or target is None:
+                raise TypeError("update needs pred and target, or counts=")
+            counts = self.counts(pred, target)
+        names = tuple(self.STATES)
+        if set(counts) != set(names):
+            raise ValueError(f"{type(self).__name__} counts need keys {sorted(names)}, got {sorted(counts)}")
+        for name in names:
+            state = getattr(self, name)
+            value = torch.as_tensor(counts[name])
+            if value.shape != state.shape:
+                raise ValueError(
+                    f"count {name!r} has shape {tuple(value.shape)}, expected {tuple(state.shape)} "
+                    "(saved with another num_classes?)"
+                )
+            setattr(self, name, state + value.to(device=state.device, dtype=state.dtype))
+
+
+class SegmentationIoU(_CountMetric):
     """Per-class IoU accumulated over a split (MMSeg's ``total_area`` mIoU).
 
     Args:
@@ -122,24 +163,6 @@ class SegmentationIoU(Metric):
         )
         union = area_p + area_t - inter
         return {"intersection": inter, "union": union, "correct": correct, "labeled": labeled}
-
-    def add_counts(self, counts: dict[str, Tensor]) -> None:
-        """Accumulate states computed by :meth:`counts` (of this process or saved by an earlier run)."""
-        self.update(counts=counts)
-
-    def update(
-        self,
-        pred: Tensor | None = None,
-        target: Tensor | None = None,
-        *,
-        counts: dict[str, Tensor] | None = None,
-    ) -> None:
-        """Add images (see :meth:`counts` for ``pred`` and ``target``), or counts made by :meth:`counts`."""
-        if counts is None:
-            if pred is None or target is None:
-                raise TypeError("update needs pred and target, or counts=")
-            counts = self.counts(pred, target)
-        _add_counts(self, counts)
 
     def compute(self) -> dict[str, Tensor]:
         """Return ``{"mIoU": [], "per_class_iou": [C], "pixel_accuracy": []}`` (float64, in [0, 1])."""
@@ -184,7 +207,7 @@ def boundary_band(masks: Tensor, iterations: int) -> Tensor:
     return masks.bool() & ~eroded
 
 
-class BoundaryIoU(Metric):
+class BoundaryIoU(_CountMetric):
     """Boundary IoU accumulated over a split (SPEC section 7).
 
     Per image and per class present in the ground truth or the prediction, the GT band and the predicted band
@@ -225,24 +248,6 @@ class BoundaryIoU(Metric):
         self.add_state("union", torch.zeros(num_classes, dtype=torch.int64), dist_reduce_fx="sum")
 
     STATES = ("intersection", "union")
-
-    def add_counts(self, counts: dict[str, Tensor]) -> None:
-        """Accumulate states computed by :meth:`counts` (of this process or saved by an earlier run)."""
-        self.update(counts=counts)
-
-    def update(
-        self,
-        pred: Tensor | None = None,
-        target: Tensor | None = None,
-        *,
-        counts: dict[str, Tensor] | None = None,
-    ) -> None:
-        """Add images (see :meth:`counts` for ``pred`` and ``target``), or counts made by :meth:`counts`."""
-        if counts is None:
-            if pred is None or target is None:
-                raise TypeError("update needs pred and target, or counts=")
-            counts = self.counts(pred, target)
-        _add_counts(self, counts)
 
     def counts(self, pred: Tensor, target: Tensor) -> dict[str, Tensor]:
         """This metric's states for ``pred`` alone (nothing is accumulated): ``{name: int64 tensor}``.
@@ -305,18 +310,3 @@ def per_image_miou(pred: Tensor, target: Tensor, num_classes: int, ignore_index:
     )
     out = torch.nanmean(iou, dim=1)
     return out[0] if single else out
-
-
-def _add_counts(metric: Metric, counts: dict[str, Tensor]) -> None:
-    names = tuple(metric.STATES)
-    if set(counts) != set(names):
-        raise ValueError(f"{type(metric).__name__} counts need keys {sorted(names)}, got {sorted(counts)}")
-    for name in names:
-        state = getattr(metric, name)
-        value = torch.as_tensor(counts[name])
-        if value.shape != state.shape:
-            raise ValueError(
-                f"count {name!r} has shape {tuple(value.shape)}, expected {tuple(state.shape)} "
-                "(saved with another num_classes?)"
-            )
-        setattr(metric, name, state + value.to(device=state.device, dtype=state.dtype))
