@@ -248,8 +248,7 @@ def test_run_py_a_bug_exits_1_with_a_traceback(tmp_path):
     ids=["both", "neither", "unknown"],
 )
 def test_which_task_runs_is_one_line_when_unclear(tmp_path, capsys, monkeypatch, overrides, message):
-    from lposs_lab.lab.tasks import run_task
-    from lposs_lab.lab.tasks.config import task_name
+    from lposs_lab.lab.tasks import run_task, task_name
 
     monkeypatch.setenv("PYTHONWARNINGS", os.environ.get("PYTHONWARNINGS", "default"))  # run_task sets it
     cfg = compose_cfg(tmp_path, *overrides)

@@ -15,7 +15,15 @@ from typing import Any
 
 from lposs_lab.errors import ConfigError, UserError
 
-__all__ = ["TASKS", "run_task", "objective", "UserError", "SweepPointFailed", "quiet_third_party"]
+__all__ = [
+    "TASKS",
+    "task_name",
+    "run_task",
+    "objective",
+    "UserError",
+    "SweepPointFailed",
+    "quiet_third_party",
+]
 
 #: packages whose INFO lines, tips and warnings are hidden unless ``verbose=true``
 _THIRD_PARTY = (
@@ -41,6 +49,32 @@ TASKS = {
 }
 
 
+def task_name(cfg: Any) -> str:
+    """``task`` when given; else ``evaluate`` for a run naming a dataset (``refine`` with ``scores=``),
+    ``segment`` for one naming images."""
+    task = cfg.get("task")
+    if task is not None:
+        if task not in TASKS:
+            raise ConfigError(f"unknown task {task!r}; valid tasks: {', '.join(sorted(TASKS))}")
+        return str(task)
+    dataset = cfg.get("dataset")
+    has_dataset = bool(dataset) and bool(dataset.get("name") if hasattr(dataset, "get") else dataset)
+    has_image = cfg.get("image") is not None
+    if has_dataset and has_image:
+        raise ConfigError(
+            "both dataset= and image= given: pass dataset=NAME to evaluate a benchmark, or image=PATH "
+            "'classes=\"a,b\"' to segment images (or say which with task=evaluate|segment)"
+        )
+    if has_dataset:
+        return "refine" if cfg.get("scores") else "evaluate"
+    if has_image:
+        return "segment"
+    raise ConfigError(
+        "nothing to do: pass dataset=NAME to evaluate a benchmark (e.g. dataset=ade20k), or "
+        "image=PATH 'classes=\"cat,dog\"' to segment your own images"
+    )
+
+
 class SweepPointFailed(UserError):
     """One point of a multirun failed with a user error; the sweep goes on and exits non-zero at the end."""
 
@@ -64,8 +98,6 @@ def run_task(cfg: Any) -> Any:
     debug = os.environ.get("LPOSS_DEBUG") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1"
     quiet_third_party(verbose=bool(cfg.get("verbose", False)))
     try:
-        from .config import task_name
-
         module, func = TASKS[task_name(cfg)].split(":")
         return getattr(importlib.import_module(module), func)(cfg)
     except UserError as exc:

@@ -21,7 +21,6 @@ from lposs_lab.predictor import LPOSS
 from ..cache import FeatureCacheSpec
 
 __all__ = [
-    "task_name",
     "lposs_config",
     "method_name",
     "build_predictor",
@@ -39,34 +38,6 @@ __all__ = [
 def plain(node: Any) -> Any:
     """A config node as plain Python containers (resolved); other values as they are."""
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
-
-def task_name(cfg: DictConfig) -> str:
-    """``task`` when given; else ``evaluate`` for a run naming a dataset (``refine`` with ``scores=``),
-    ``segment`` for one naming images."""
-    from . import TASKS
-
-    task = cfg.get("task")
-    if task is not None:
-        if task not in TASKS:
-            raise ConfigError(f"unknown task {task!r}; valid tasks: {', '.join(sorted(TASKS))}")
-        return str(task)
-    dataset = cfg.get("dataset")
-    has_dataset = bool(dataset) and bool(dataset.get("name") if hasattr(dataset, "get") else dataset)
-    has_image = cfg.get("image") is not None
-    if has_dataset and has_image:
-        raise ConfigError(
-            "both dataset= and image= given: pass dataset=NAME to evaluate a benchmark, or image=PATH "
-            "'classes=\"a,b\"' to segment images (or say which with task=evaluate|segment)"
-        )
-    if has_dataset:
-        return "refine" if cfg.get("scores") else "evaluate"
-    if has_image:
-        return "segment"
-    raise ConfigError(
-        "nothing to do: pass dataset=NAME to evaluate a benchmark (e.g. dataset=ade20k), or "
-        "image=PATH 'classes=\"cat,dog\"' to segment your own images"
-    )
 
 
 def lposs_config(cfg: DictConfig) -> LPOSSConfig:
