@@ -428,6 +428,20 @@ def _lookup(table: dict[str, Callable[..., Any]], name: str, kind: str) -> Calla
     return table[name]
 
 
+def has_trained_weights(kind: str, name: str, pretrained: Pretrained) -> bool:
+    """Whether ``create_vm`` / ``create_vlm(name, pretrained)`` loads trained weights (not a random init).
+
+    ``pretrained`` False or None means random init; so does a registry entry without weights
+    (``tiny_random`` and the ``*_tiny_random`` twins). Unknown names raise as :func:`create_vm` does.
+    """
+    entry = _lookup(VM_MODELS if kind == "vm" else VLM_MODELS, name, kind)
+    if pretrained is None or pretrained is False:
+        return False
+    if pretrained is True:
+        return (entry.hf_repo if kind == "vm" else entry.pretrained_tag) is not None
+    return True  # a checkpoint file or hf-hub spec
+
+
 def create_vm(
     name: str = "dino_b16",
     pretrained: Pretrained = True,

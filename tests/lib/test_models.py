@@ -325,3 +325,16 @@ def test_bad_images_rejected() -> None:
         vm(torch.rand(3, 32, 32))
     with pytest.raises(ValueError, match="floating"):
         vm(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_has_trained_weights_follows_the_registry_and_pretrained() -> None:
+    from lposs_lab.models.registry import has_trained_weights
+
+    assert has_trained_weights("vm", "dino_b16", True) and has_trained_weights("vlm", "sclip_b16", True)
+    assert not has_trained_weights("vm", "tiny_random", True)
+    assert not has_trained_weights("vlm", "naclip_tiny_random", True)
+    assert not has_trained_weights("vm", "dino_b16", False)
+    assert not has_trained_weights("vlm", "maskclip_b16", None)
+    assert has_trained_weights("vm", "tiny_random", "/some/checkpoint.safetensors")
+    with pytest.raises(ConfigError, match="valid names"):
+        has_trained_weights("vm", "dino_b32", True)

@@ -16,7 +16,7 @@ from omegaconf.errors import InterpolationResolutionError
 from lposs_lab.config import LPOSSConfig
 from lposs_lab.errors import ConfigError, OutputError
 from lposs_lab.postprocess import Abstain, PAMRStep
-from lposs_lab.predictor import LPOSS
+from lposs_lab.predictor import LPOSS, VLM_AS_VM
 
 from ..cache import FeatureCacheSpec
 
@@ -31,6 +31,7 @@ __all__ = [
     "check_output_dir",
     "cache_spec",
     "abstain_rule",
+    "random_init_encoders",
     "postprocess_step",
 ]
 
@@ -70,6 +71,20 @@ def text_cache_dir(cfg: Any) -> str | None:
     """``text_cache_dir`` of a run config: ``"auto"`` (default), a folder, or ``None`` (memory only)."""
     value = cfg.get("text_cache_dir", "auto") if cfg is not None else "auto"
     return None if value in (None, "", "none", "null") else str(value)
+
+
+def random_init_encoders(config: LPOSSConfig) -> list[str]:
+    """``["vm=NAME", ...]``: the encoders of ``config`` without trained weights (outputs say so)."""
+    from lposs_lab.models.registry import has_trained_weights  # timm/open_clip: only when asked
+
+    out = []
+    for kind in ("vm", "vlm"):
+        source = "vlm" if kind == "vm" and config.vm in VLM_AS_VM else kind  # clip_b16: the VLM's features
+        pretrained = getattr(config, f"{source}_pretrained")
+        pretrained = True if pretrained is None else pretrained  # None: the registry's weights
+        if not has_trained_weights(source, getattr(config, source), pretrained):
+            out.append(f"{kind}={getattr(config, kind)}")
+    return out
 
 
 def build_predictor(cfg: DictConfig) -> LPOSS:

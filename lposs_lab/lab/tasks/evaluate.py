@@ -40,6 +40,7 @@ from .config import (
     method_name,
     plain,
     postprocess_step,
+    random_init_encoders,
     run_dir_of,
     text_cache_dir,
 )
@@ -326,16 +327,9 @@ def write_results(plan: EvalPlan, wall: float, world: int) -> dict[str, Any]:
 
 
 def _random_init(plan: EvalPlan) -> list[str]:
-    """Encoders of this run without trained weights (``tiny_random`` or ``pretrained=false``)."""
+    """Encoders of this run without trained weights (none when the labels do not come from a model)."""
     config = getattr(plan.source, "config", None)
-    if config is None:
-        return []
-    out = []
-    for kind in ("vm", "vlm"):
-        name, pretrained = getattr(config, kind), getattr(config, f"{kind}_pretrained")
-        if "tiny_random" in name or pretrained is False:
-            out.append(f"{kind}={name}")
-    return out
+    return [] if config is None else random_init_encoders(config)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any] | None:

@@ -23,7 +23,7 @@ from lposs_lab.image_io import load_image
 from lposs_lab.text import parse_classes
 from lposs_lab.viz import label_image, overlay, save_png
 
-from .config import abstain_rule, build_predictor, check_output_dir, postprocess_step
+from .config import abstain_rule, build_predictor, check_output_dir, postprocess_step, random_init_encoders
 
 __all__ = ["segment", "output_names", "OUTPUT_SUFFIXES"]
 
@@ -97,7 +97,7 @@ def segment(cfg: DictConfig) -> list[dict]:
     abstain, postprocess = abstain_rule(cfg), postprocess_step(cfg)  # checked before the model is built
     model = build_predictor(cfg)
     model.set_classes(classes)
-    random_init = _random_init(model)
+    random_init = random_init_encoders(model.config)
     note = "random-init weights: meaningless" if random_init else None
     results = []
     for path, files, image in zip(paths, plans, images, strict=True):
@@ -139,13 +139,3 @@ def segment(cfg: DictConfig) -> list[dict]:
     if random_init:
         print(f"note: random-init weights ({', '.join(random_init)}): the masks are meaningless")
     return results
-
-
-def _random_init(model) -> list[str]:
-    """Encoders without trained weights (their weights id starts with ``random:``)."""
-    out = []
-    for kind in ("vm", "vlm"):
-        encoder = getattr(model, kind)
-        if "random:" in str(getattr(encoder, "weights_id", "")):
-            out.append(f"{kind}={getattr(model.config, kind)}")
-    return out
