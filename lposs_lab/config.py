@@ -138,6 +138,13 @@ class PixelConfig:
         _choice(n, "feature", self.feature, ("lab", "depth", "lab+depth"))
         _choice(n, "backend", self.backend, ("auto", "torch", "numba", "triton"))
 
+    #: the fields that are :func:`lposs_lab.refine_pixels` arguments (the rest choose features or the stage)
+    SOLVER_FIELDS = ("r", "tau", "alpha", "max_iter", "tol", "spatial", "sigma_s", "backend", "max_bytes")
+
+    def solver_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`lposs_lab.refine_pixels` / :func:`lposs_lab.refine`."""
+        return {name: getattr(self, name) for name in self.SOLVER_FIELDS}
+
 
 @dataclass(frozen=True)
 class WindowConfig:

@@ -254,17 +254,4 @@ def pixel_stage(
     Returns:
         ``[C, h, w]`` float32 refined scores on the device of ``scores``.
     """
-    return refine_pixels(
-        image,
-        scores,
-        r=config.r,
-        tau=config.tau,
-        alpha=config.alpha,
-        max_iter=config.max_iter,
-        tol=config.tol,
-        spatial=config.spatial,
-        sigma_s=config.sigma_s,
-        backend=config.backend,
-        max_bytes=config.max_bytes,
-        features=features,
-    )
+    return refine_pixels(image, scores, features=features, **config.solver_kwargs())

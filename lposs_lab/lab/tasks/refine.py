@@ -198,13 +198,14 @@ def _refine(
 ) -> torch.Tensor:
     h, w = image.shape[:2]
     if refiner == "lposs_plus":  # the pixel stage at the resize of window.short_side / long_side (SPEC §1)
-        px, win = config.pixel, config.window
-        kwargs = {
-            k: getattr(px, k)
-            for k in ("r", "tau", "alpha", "max_iter", "tol", "spatial", "sigma_s", "backend", "max_bytes")
-        }
+        win = config.window
         return refine(
-            image, scores, device=device, short_side=win.short_side, long_side=win.long_side, **kwargs
+            image,
+            scores,
+            device=device,
+            short_side=win.short_side,
+            long_side=win.long_side,
+            **config.pixel.solver_kwargs(),
         ).labels
     if refiner == "pamr":
         full = F.interpolate(scores[None], size=(h, w), mode="bilinear", align_corners=False)[0]
