@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from .config import LPOSSConfig, WindowConfig
 from .errors import ConfigError, DeviceUnavailableError, WeightsUnavailableError
-from .image_io import to_rgb_uint8
 from .pixels import PIXEL_FEATURES, pixel_features, pixel_stage
 from .postprocess import UNKNOWN, Abstain
 from .postprocess import abstain as apply_abstain
@@ -26,7 +25,7 @@ from .windows import (
     crop_windows,
     patch_positions,
     resize_argmax,
-    resize_image,
+    resized_image_tensor,
     stitch_windows,
     window_grid,
 )
@@ -258,9 +257,9 @@ class LPOSS:
     def extract(self, image: Any, window: WindowConfig | None = None) -> ImageFeatures:
         """Decode, resize and encode an image: per-window VM and VLM features (SPEC §1-2)."""
         win = window or self.config.window
-        rgb = to_rgb_uint8(image)
-        resized = resize_image(rgb, win.short_side, win.long_side)
-        img = torch.from_numpy(resized).to(self.device).permute(2, 0, 1).contiguous().float() / 255.0
+        img, original_size = resized_image_tensor(
+            image, short_side=win.short_side, long_side=win.long_side, device=self.device
+        )
         windows = window_grid(img.shape[1], img.shape[2], win.size, win.stride)
         crops = crop_windows(img, windows)
         vm_feats, vlm_feats = [], []
@@ -282,7 +281,7 @@ class LPOSS:
                 vlm.permute(0, 3, 1, 2), size=vm.shape[1:3], mode="bilinear", align_corners=False
             ).permute(0, 2, 3, 1)
             vlm = F.normalize(grid, dim=-1)
-        return ImageFeatures(img, tuple(rgb.shape[:2]), windows, vm, vlm, int(self.vm.patch_size))
+        return ImageFeatures(img, original_size, windows, vm, vlm, int(self.vm.patch_size))
 
     def features(
         self, image: Any, window: WindowConfig | None = None, image_id: str | None = None

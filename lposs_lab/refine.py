@@ -25,11 +25,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LPConfig, LPOSSConfig, PixelConfig, WindowConfig
-from .image_io import to_rgb_uint8
 from .pixels import pixel_stage
 from .predictor import LPOSS, resolve_device
 from .propagation import refine_patches
-from .windows import crop_windows, patch_positions, resize_argmax, resize_image, stitch_windows
+from .windows import (
+    crop_windows,
+    patch_positions,
+    resize_argmax,
+    resized_image_tensor,
+    stitch_windows,
+)
 
 __all__ = ["Refinement", "refine", "resized_image_tensor"]
 
@@ -62,27 +67,6 @@ class Refinement:
         if tuple(self.low_res_scores.shape[1:]) == (h, w):
             return self.low_res_scores
         return F.interpolate(self.low_res_scores[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-
-
-def resized_image_tensor(
-    image: Any,
-    *,
-    short_side: int = _WIN.short_side,
-    long_side: int = _WIN.long_side,
-    device: torch.device | str = "cpu",
-) -> tuple[Tensor, tuple[int, int]]:
-    """Decode and resize an image as the predictor does (SPEC §1).
-
-    Args:
-        image: any input :func:`lposs_lab.image_io.to_rgb_uint8` accepts.
-
-    Returns:
-        ``(image [3, h, w] float32 in [0, 1] on device, (H, W) of the input)``.
-    """
-    rgb = to_rgb_uint8(image)
-    resized = resize_image(rgb, short_side, long_side)
-    img = torch.from_numpy(resized).to(device).permute(2, 0, 1).contiguous().float() / 255.0
-    return img, (int(rgb.shape[0]), int(rgb.shape[1]))
 
 
 def _as_float_tensor(value: Any, name: str, device: torch.device) -> Tensor:

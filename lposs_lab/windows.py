@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -10,10 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .image_io import to_rgb_uint8
+
 __all__ = [
     "Window",
     "resized_shape",
     "resize_image",
+    "resized_image_tensor",
     "window_grid",
     "crop_windows",
     "patch_positions",
@@ -59,6 +63,27 @@ def resize_image(image: np.ndarray, short_side: int = 448, long_side: int = 2048
     if (h, w) == image.shape[:2]:
         return image.copy()
     return cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def resized_image_tensor(
+    image: Any,
+    *,
+    short_side: int = 448,
+    long_side: int = 2048,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, tuple[int, int]]:
+    """Decode any image input and resize it as SPEC §1 does: the predictor's (and refine's) input.
+
+    Args:
+        image: any input :func:`lposs_lab.image_io.to_rgb_uint8` accepts.
+
+    Returns:
+        ``(image [3, h, w] float32 in [0, 1] on device, (H, W) of the input)``.
+    """
+    rgb = to_rgb_uint8(image)
+    resized = resize_image(rgb, short_side, long_side)
+    img = torch.from_numpy(resized).to(device).permute(2, 0, 1).contiguous().float() / 255.0
+    return img, (int(rgb.shape[0]), int(rgb.shape[1]))
 
 
 def _axis_starts(length: int, size: int, stride: int) -> list[tuple[int, int]]:
