@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 from .tables import (
     DATASET_COLUMNS,
+    cell,
     config_value,
     group_runs,
     method_label,
@@ -100,7 +100,7 @@ def search_table(searches: Sequence[Mapping[str, Any]]) -> str:
     for s in searches:
         folder = Path(s["_source"]).parent
         cells = [_param(s["best_params"].get(k)) for k in keys]
-        lines.append(f"| {folder} | {_fmt(s['best_value'])} | " + " | ".join(cells) + " |")
+        lines.append(f"| {folder} | {cell(s['best_value'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -142,10 +142,6 @@ def load_wandb_runs(project: str, entity: str | None = None, *, filters: Mapping
     return out
 
 
-def _fmt(x: Any) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{float(x):.1f}"
-
-
 def markdown_report(
     runs: Sequence[Mapping[str, Any]],
     *,
@@ -164,7 +160,7 @@ def markdown_report(
         secs = [(run_info(r)["row"], r.get("dataset"), r.get("seconds_per_image")) for r in group]
         if table.startswith("table6"):
             parts += ["| configuration | dataset | s/image |", "|---|---|---|"]
-            parts += [f"| {a} | {b} | {_fmt(c) if c is None else f'{c:.3f}'} |" for a, b, c in secs] + [""]
+            parts += [f"| {a} | {b} | {cell(c) if c is None else f'{c:.3f}'} |" for a, b, c in secs] + [""]
     for title, path in (figures or {}).items():
         parts += [f"## {title}", "", f"![{title}]({path})", ""]
     return "\n".join(parts)

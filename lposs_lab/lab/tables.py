@@ -19,6 +19,7 @@ __all__ = [
     "PAPER",
     "Table",
     "config_value",
+    "cell",
     "group_runs",
     "method_label",
     "predictor_label",
@@ -166,7 +167,8 @@ def _row_label(run: Mapping[str, Any], varying: Sequence[str] | None) -> str:
     return base + " [" + ", ".join(f"{k}={ov.get(k, '-')}" for k in varying) + "]" + mark
 
 
-def _fmt(x: Any) -> str:
+def cell(x: Any) -> str:
+    """A table cell: one decimal, ``-`` for a missing or NaN value."""
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{float(x):.1f}"
 
 
@@ -237,15 +239,15 @@ def results_table(
             pub = {d: float(v) for d, v in published.items() if v is not None}
             pub_avg = sum(pub.values()) / len(pub) if set(DATASET_COLUMNS) <= set(pub) else None
             shown = paper_avg if paper_avg is not None else pub_avg
-            rows.append((label, tuple(_fmt(vals.get(d)) for d in cols) + (_fmt(avg), _fmt(shown))))
-            rows.append(("  published", tuple(_fmt(pub.get(d)) for d in cols) + (_fmt(pub_avg), "")))
+            rows.append((label, tuple(cell(vals.get(d)) for d in cols) + (cell(avg), cell(shown))))
+            rows.append(("  published", tuple(cell(pub.get(d)) for d in cols) + (cell(pub_avg), "")))
             continue
         ref_avg = sum(ref.values()) / len(ref) if ref and default_row else None
         shown = (paper_avg if metric == "mIoU" and paper_avg is not None else ref_avg) if paper else None
-        rows.append((label, tuple(_fmt(vals.get(d)) for d in cols) + (_fmt(avg), _fmt(shown))))
+        rows.append((label, tuple(cell(vals.get(d)) for d in cols) + (cell(avg), cell(shown))))
         if ref and default_row:
             rows.append(
-                (f"  paper ({table_name})", tuple(_fmt(ref.get(d)) for d in cols) + (_fmt(ref_avg), ""))
+                (f"  paper ({table_name})", tuple(cell(ref.get(d)) for d in cols) + (cell(ref_avg), ""))
             )
     header = ("configuration", *[DATASET_COLUMNS.get(d, d) for d in cols], "Avg", "Paper Avg")
     return Table(title, header, tuple(rows))
