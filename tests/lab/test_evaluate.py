@@ -325,18 +325,23 @@ def test_end_to_end_results_json_table_and_csv_logs(voc20, baseline):
     assert [float(r["mIoU"]) for r in per_image] == pytest.approx([p["mIoU"] for p in out["per_image"]])
 
 
+def assert_two_processes_equal_one(run_dir: Path, base: dict) -> None:
+    """A 2-process run's numbers equal the 1-process baseline, its images sharded without duplicates."""
+    out = json.loads((run_dir / "results.json").read_text())
+    assert out["processes"] == 2
+    for key in SAME:
+        assert out[key] == base[key], key
+    ranks = [json.loads(p.read_text())["rank"] for p in (run_dir / "states").glob("*.state.json")]
+    assert sorted(ranks) == [0] * (N // 2) + [1] * (N // 2)  # sharded, no duplicates
+
+
 @pytest.mark.slow
 def test_two_cpu_processes_equal_one(voc20, baseline, tmp_path):
     _, base, _ = baseline
     res = run(tmp_path, "dataset=voc20", f"data_root={voc20}", *LPOSS_ARGS, "trainer.devices=2",
               f"hydra.run.dir={tmp_path / 'run'}")
     assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert out["processes"] == 2
-    for key in SAME:
-        assert out[key] == base[key], key
-    ranks = [json.loads(p.read_text())["rank"] for p in (tmp_path / "run" / "states").glob("*.state.json")]
-    assert sorted(ranks) == [0] * (N // 2) + [1] * (N // 2)  # sharded, no duplicates
+    assert_two_processes_equal_one(tmp_path / "run", base)
     last = _csv(tmp_path / "run" / "csv" / "version_0" / "metrics.csv")[-1]
     assert float(last["test/num_images"]) == N  # torchmetrics summed both processes once
     assert float(last["test/mIoU"]) == pytest.approx(base["mIoU"], abs=1e-4)
@@ -359,12 +364,7 @@ def test_ddp_strategy_external_and_relaunch_equal_one(voc20, baseline, tmp_path,
         cmd = [sys.executable, str(REPO / "run.py"), *args]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert out["processes"] == 2
-    for key in SAME:
-        assert out[key] == base[key], key
-    ranks = [json.loads(p.read_text())["rank"] for p in (tmp_path / "run" / "states").glob("*.state.json")]
-    assert sorted(ranks) == [0] * (N // 2) + [1] * (N // 2)
+    assert_two_processes_equal_one(tmp_path / "run", base)
     assert res.stdout.count("image(s) scored") == 1  # only rank 0 reports
 
 
