@@ -83,10 +83,6 @@ class LPConfig:
         _choice(n, "spatial", self.spatial, ("rbf", "linear", "none"))
         _choice(n, "graph_features", self.graph_features, ("vm", "vlm"))
 
-    def kernel_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`lposs_lab.refine_patches` (everything but ``graph_features``)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "graph_features"}
-
 
 @dataclass(frozen=True)
 class PixelConfig:

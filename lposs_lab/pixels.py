@@ -29,6 +29,8 @@ __all__ = [
     "pixel_stage",
 ]
 
+_PX = PixelConfig()  # the keyword defaults of the functions below (the dataclass is their one source)
+
 #: Pixel-stage feature choices (``PixelConfig.feature``).
 PIXEL_FEATURES = ("lab", "depth", "lab+depth")
 
@@ -93,10 +95,10 @@ def _check_graph_args(r: int, tau: float, spatial: str) -> None:
 def pixel_graph(
     features: Tensor,
     *,
-    r: int = 13,
-    tau: float = 0.01,
-    spatial: str = "binary",
-    sigma_s: float = 6.0,
+    r: int = _PX.r,
+    tau: float = _PX.tau,
+    spatial: str = _PX.spatial,
+    sigma_s: float = _PX.sigma_s,
 ) -> tuple[Tensor, list[tuple[int, int]]]:
     """Normalised stencil weights of the pixel graph.
 
@@ -144,16 +146,16 @@ def refine_pixels(
     image: Tensor,
     scores: Tensor,
     *,
-    r: int = 13,
-    tau: float = 0.01,
-    alpha: float = 0.95,
-    max_iter: int = 10,
-    tol: float = 1e-6,
-    spatial: str = "binary",
-    sigma_s: float = 6.0,
+    r: int = _PX.r,
+    tau: float = _PX.tau,
+    alpha: float = _PX.alpha,
+    max_iter: int = _PX.max_iter,
+    tol: float = _PX.tol,
+    spatial: str = _PX.spatial,
+    sigma_s: float = _PX.sigma_s,
     features: Tensor | None = None,
-    backend: str = "auto",
-    max_bytes: int = 1 << 29,
+    backend: str = _PX.backend,
+    max_bytes: int = _PX.max_bytes,
 ) -> Tensor:
     """LPOSS+: propagate per-pixel class scores over the pixel graph (SPEC §4).
 

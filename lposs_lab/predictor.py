@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +17,23 @@ from torch import Tensor, nn
 from .config import LPOSSConfig, WindowConfig
 from .errors import ConfigError, DeviceUnavailableError, WeightsUnavailableError
 from .pixels import PIXEL_FEATURES, pixel_features, pixel_stage
-from .postprocess import UNKNOWN, Abstain
-from .postprocess import abstain as apply_abstain
-from .propagation import refine_patches
+from .postprocess import Abstain
+from .predictor_parts import (
+    StageTimer,
+    average_setups,
+    cached_features,
+    check_abstain,
+    encode_classes,
+    encode_windows,
+    encoder_dtype,
+    final_labels,
+    patch_stage,
+    reduce_synonyms,
+)
 from .windows import (
     Window,
     crop_windows,
     patch_positions,
-    resize_argmax,
     resized_image_tensor,
     stitch_windows,
     window_grid,
@@ -104,11 +113,6 @@ class Prediction:
         return F.interpolate(self.low_res_scores[None], size=(h, w), mode="bilinear", align_corners=False)[0]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class LPOSS:
     """LPOSS / LPOSS+ predictor over a VM (graph features) and a VLM (initial scores).
 
@@ -155,16 +159,7 @@ class LPOSS:
         if method not in METHODS:
             raise ConfigError(f"unknown method {method!r}; valid choices: {', '.join(METHODS)}")
         self.method = method
-        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(
-            self.config.encoder_dtype
-        )
-        if dtype is None:
-            raise ValueError(
-                f"unknown encoder_dtype {self.config.encoder_dtype!r}; use float32, float16 or bfloat16"
-            )
-        if dtype != torch.float32 and self.device.type != "cuda":
-            dtype = torch.float32  # half precision encoders only pay off (and are only tested) on CUDA
-        self.encoder_dtype = dtype
+        self.encoder_dtype = dtype = encoder_dtype(self.config.encoder_dtype, self.device)
         self.vm = vm.to(self.device, dtype).eval()
         self.vlm = vlm.to(self.device, dtype).eval()
         if self.config.pixel.feature not in PIXEL_FEATURES:
@@ -236,15 +231,8 @@ class LPOSS:
     # ------------------------------------------------------------------ classes
     def set_classes(self, classes: Sequence[str]) -> None:
         """Set the vocabulary: class names, each possibly ``"name;synonym;..."`` (text encoded once here)."""
-        from .text import parse_classes, split_synonyms, text_embeddings
-
-        classes = parse_classes(classes)
-        synonyms, owner = split_synonyms(classes)
-        with torch.inference_mode():
-            text = text_embeddings(self.vlm, synonyms, cache_dir=self.text_cache_dir)
-        self._classes = [c.split(";")[0].strip() for c in classes]
-        self._text = text.to(self.device, torch.float32)
-        self._owner = torch.as_tensor(owner, device=self.device, dtype=torch.long)
+        vocabulary = encode_classes(self.vlm, classes, self.text_cache_dir, self.device)
+        self._classes, self._text, self._owner = vocabulary
 
     @property
     def classes(self) -> list[str]:
@@ -262,35 +250,14 @@ class LPOSS:
         )
         windows = window_grid(img.shape[1], img.shape[2], win.size, win.stride)
         crops = crop_windows(img, windows)
-        vm_feats, vlm_feats = [], []
-        shared = self.vm is self.vlm
-        for start in range(0, crops.shape[0], self.batch_size):
-            batch = crops[start : start + self.batch_size].to(self.encoder_dtype)
-            pair = None if shared else _shared_vfm_pass(self.vlm, self.vm, batch)
-            if pair is not None:  # ProxyCLIP whose VFM is the VM: one DINO pass gives both
-                vm_feats.append(pair[0].float())
-                vlm_feats.append(pair[1].float())
-                continue
-            vlm_feats.append(self.vlm(batch).float())
-            if not shared:
-                vm_feats.append(self.vm(batch).float())
-        vlm = torch.cat(vlm_feats)
-        vm = vlm if shared else torch.cat(vm_feats)
-        if vlm.shape[1:3] != vm.shape[1:3]:
-            grid = F.interpolate(
-                vlm.permute(0, 3, 1, 2), size=vm.shape[1:3], mode="bilinear", align_corners=False
-            ).permute(0, 2, 3, 1)
-            vlm = F.normalize(grid, dim=-1)
+        vm, vlm = encode_windows(self.vm, self.vlm, crops, self.batch_size, self.encoder_dtype)
         return ImageFeatures(img, original_size, windows, vm, vlm, int(self.vm.patch_size))
 
     def features(
         self, image: Any, window: WindowConfig | None = None, image_id: str | None = None
     ) -> ImageFeatures:
         """:meth:`extract`, through :attr:`feature_cache` when one is attached and ``image_id`` is given."""
-        win = window or self.config.window
-        if self.feature_cache is None or image_id is None:
-            return self.extract(image, win)
-        return self.feature_cache.fetch(self, image, win, str(image_id))
+        return cached_features(self, image, window or self.config.window, image_id)
 
     @torch.inference_mode()
     def pixel_features(self, feats: ImageFeatures) -> Tensor | None:
@@ -321,46 +288,30 @@ class LPOSS:
             raise RuntimeError("no classes set: call set_classes([...]) first or pass classes= to predict()")
         cfg = self.config
         feats = feats.to(self.device)
-        timings: dict[str, float] = {}
+        timer = StageTimer(self.device)
         b, gh, gw, _ = feats.vm.shape
         y = feats.vlm.reshape(b * gh * gw, -1) @ self._text.T  # [N, T]
         _, h, w = feats.image.shape
-        whole = cfg.window.size <= 0
-        t0 = time.perf_counter()
-        if self.method != "maskclip":
-            graph = feats.vm if cfg.lp.graph_features == "vm" else feats.vlm
-            graph = graph.reshape(b, gh * gw, -1)
-            pos = patch_positions(feats.windows, (gh, gw), feats.patch_size, device=self.device)
-            pos = pos.reshape(b, -1, 2)
-            lp = cfg.lp.kernel_kwargs()
-            ys = y.reshape(b, gh * gw, -1)
-            if cfg.window.joint:
-                y = refine_patches(graph.reshape(b * gh * gw, -1), pos.reshape(-1, 2), y, **lp)
-            else:  # one graph per window (ablation)
-                y = torch.cat([refine_patches(graph[i], pos[i], ys[i], **lp) for i in range(b)])
-        _sync(self.device)
-        timings["patch_lp"] = time.perf_counter() - t0
+        with timer("patch_lp"):
+            if self.method != "maskclip":
+                graph = (feats.vm if cfg.lp.graph_features == "vm" else feats.vlm).reshape(b, gh * gw, -1)
+                pos = patch_positions(feats.windows, (gh, gw), feats.patch_size, device=self.device)
+                ys = y.reshape(b, gh * gw, -1)
+                y = patch_stage(graph, pos.reshape(b, -1, 2), ys, cfg.lp, cfg.window.joint)
         grids = y.reshape(b, gh, gw, -1).permute(0, 3, 1, 2)
-        t0 = time.perf_counter()
-        if self.method == "lposs_plus":
-            scores = stitch_windows(grids, feats.windows, h, w)
-            scores = pixel_stage(feats.image, scores, cfg.pixel, features=self.pixel_features(feats))
-        elif whole:
-            scores = grids[0]  # the patch grid goes straight to the original size (SPEC §5)
-        else:
-            scores = stitch_windows(grids, feats.windows, h, w)
-        _sync(self.device)
-        timings["pixel_lp"] = time.perf_counter() - t0
-        return scores, timings
+        with timer("pixel_lp"):
+            if self.method == "lposs_plus":
+                scores = stitch_windows(grids, feats.windows, h, w)
+                scores = pixel_stage(feats.image, scores, cfg.pixel, features=self.pixel_features(feats))
+            elif cfg.window.size <= 0:
+                scores = grids[0]  # the patch grid goes straight to the original size (SPEC §5)
+            else:
+                scores = stitch_windows(grids, feats.windows, h, w)
+        return scores, timer.seconds
 
     def _reduce_synonyms(self, scores: Tensor) -> Tensor:
         assert self._owner is not None and self._classes is not None
-        n = len(self._classes)
-        if scores.shape[0] == n:
-            return scores
-        out = scores.new_full((n, *scores.shape[1:]), float("-inf"))
-        index = self._owner.view(-1, *([1] * (scores.ndim - 1))).expand_as(scores)
-        return out.scatter_reduce_(0, index, scores, "amax", include_self=True)
+        return reduce_synonyms(scores, self._owner, len(self._classes))
 
     # ------------------------------------------------------------------ all at once
     def predict(
@@ -395,53 +346,12 @@ class LPOSS:
         if classes is not None:
             self.set_classes(classes)
         names = self.classes
-        if abstain is not None and abstain.background is None and len(names) > UNKNOWN:
-            raise ValueError(
-                f"{len(names)} classes: label {UNKNOWN} is a class and cannot mean unknown; "
-                "give the abstain rule a background class"
-            )
+        check_abstain(abstain, len(names))
         t_start = time.perf_counter()
-        windows = [self.config.window]
-        for size, stride in self.config.window.ensemble:
-            windows.append(replace(self.config.window, size=size, stride=stride, ensemble=()))
-        total = name_total = None
-        timings: dict[str, float] = {"features": 0.0, "patch_lp": 0.0, "pixel_lp": 0.0}
-        size = None
-        for win in windows:
-            t0 = time.perf_counter()
-            feats = self.features(image, win, image_id)
-            _sync(self.device)
-            timings["features"] += time.perf_counter() - t0
-            name_scores, t = self.propagate_names(feats)
-            scores = self._reduce_synonyms(name_scores)
-            for key, value in t.items():
-                timings[key] += value
-            if total is None:
-                total, size = scores, scores.shape[1:]
-                name_total = name_scores if abstain is not None or postprocess is not None else None
-            else:  # ensemble: average the outputs of the window setups
-                if scores.shape[1:] != size:
-                    scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
-                total = total + scores
-                if name_total is not None:
-                    if name_scores.shape[1:] != size:
-                        name_scores = F.interpolate(
-                            name_scores[None], size=size, mode="bilinear", align_corners=False
-                        )[0]
-                    name_total = name_total + name_scores
-        assert total is not None
-        scores = total / len(windows)
-        h, w = feats.original_size
-        labels, _ = resize_argmax(scores, h, w)
-        if name_total is not None:  # per-name scores at the input size: post-processing, abstaining
-            full = F.interpolate(
-                (name_total / len(windows))[None], size=(h, w), mode="bilinear", align_corners=False
-            )[0]
-            if postprocess is not None:
-                full = postprocess(feats.image, full)
-                labels = self._reduce_synonyms(full).argmax(dim=0)
-            if abstain is not None:
-                labels = apply_abstain(full, abstain, owner=self._owner, labels=labels)
+        keep_names = abstain is not None or postprocess is not None
+        # one window setup, or the ensemble's setups averaged
+        scores, name_scores, feats, timings = average_setups(self, image, image_id, keep_names)
+        labels = final_labels(scores, name_scores, feats, self._owner, postprocess, abstain)
         timings["total"] = time.perf_counter() - t_start
         return Prediction(labels.cpu(), names, scores.cpu(), timings)
 
@@ -458,14 +368,6 @@ def labels_to_numpy(pred: Prediction) -> np.ndarray:
     """The label map as an ``[H, W]`` uint8 (<= 255 classes) or uint16 numpy array."""
     arr = pred.labels.numpy()
     return arr.astype(np.uint8 if len(pred.class_names) <= 255 else np.uint16)
-
-
-def _shared_vfm_pass(vlm: nn.Module, vm: nn.Module, batch: Tensor) -> tuple[Tensor, Tensor] | None:
-    """``(vm features, vlm features)`` from one VM pass when the VLM is ProxyCLIP over the VM's own DINO
-    (same ``weights_id``), else ``None`` (see :func:`lposs_lab.models.proxyclip.shared_vfm_forward`)."""
-    from .models.proxyclip import shared_vfm_forward
-
-    return shared_vfm_forward(vlm, vm, batch)
 
 
 def _pretrained(value: Any) -> Any:

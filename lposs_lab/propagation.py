@@ -12,10 +12,18 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["conjugate_gradient", "knn_inner_product", "patch_graph", "patch_operator", "refine_patches"]
+from .config import LPConfig
 
-APPEARANCE_KERNELS = ("power", "exp")
-SPATIAL_KERNELS = ("rbf", "linear", "none")
+__all__ = [
+    "conjugate_gradient",
+    "knn_inner_product",
+    "patch_graph",
+    "patch_operator",
+    "propagate_patches",
+    "refine_patches",
+]
+
+_LP = LPConfig()  # the keyword defaults of refine_patches (the dataclass is their one source)
 
 
 def conjugate_gradient(
@@ -104,31 +112,13 @@ def knn_inner_product(features: Tensor, k: int, *, chunk_elements: int = 1 << 25
     return torch.cat(sims), torch.cat(idxs)
 
 
-def _check_kernel(name: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"unknown {name} kernel {value!r}; valid choices: {', '.join(valid)}")
-
-
-def _normalised_knn(
-    features: Tensor,
-    positions: Tensor,
-    *,
-    k: int,
-    gamma: float,
-    sigma: float,
-    dist_pow: float,
-    appearance: str,
-    sigma_a: float,
-    spatial: str,
-) -> tuple[Tensor, Tensor]:
+def _normalised_knn(features: Tensor, positions: Tensor, kernel: LPConfig) -> tuple[Tensor, Tensor]:
     """``A = D^-1/2 S D^-1/2`` in ELL form: ``(index [N, k], value [N, k])``, ``S_hat = A + A^T``.
 
     Row ``i`` holds node ``i``'s kNN edges (its own entry, the diagonal, weighted 0); ``d`` are the
     degrees of ``W = S + S^T`` (row plus column sums of ``S``), zeros counted as 1. Fixed shapes
-    throughout: nothing here waits for the device.
+    throughout: nothing here waits for the device. ``kernel`` was checked when it was built.
     """
-    _check_kernel("appearance", appearance, APPEARANCE_KERNELS)
-    _check_kernel("spatial", spatial, SPATIAL_KERNELS)
     if features.ndim != 2 or positions.ndim != 2 or positions.shape[1] != 2:
         raise ValueError(
             f"expected features [N, D] and positions [N, 2], got {tuple(features.shape)} and "
@@ -136,21 +126,19 @@ def _normalised_knn(
         )
     if features.shape[0] != positions.shape[0]:
         raise ValueError(f"features have {features.shape[0]} rows but positions {positions.shape[0]}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
     f = torch.nn.functional.normalize(features.float(), dim=1)
     pos = positions.to(device=f.device, dtype=torch.float32)
-    sim, idx = knn_inner_product(f, k)
-    if appearance == "power":
-        w = sim.clamp(min=0).pow(gamma)
+    sim, idx = knn_inner_product(f, kernel.k)
+    if kernel.appearance == "power":
+        w = sim.clamp(min=0).pow(kernel.gamma)
     else:
-        w = torch.exp(-(1.0 - sim) / sigma_a)
-    if spatial != "none":
+        w = torch.exp(-(1.0 - sim) / kernel.sigma_a)
+    if kernel.spatial != "none":
         dist = (pos[:, None, :] - pos[idx]).norm(dim=-1)
-        if spatial == "rbf":
-            w = w * torch.exp(-sigma * dist.pow(dist_pow))
+        if kernel.spatial == "rbf":
+            w = w * torch.exp(-kernel.sigma * dist.pow(kernel.dist_pow))
         else:
-            w = w * (1.0 - sigma * dist).clamp(min=0)
+            w = w * (1.0 - kernel.sigma * dist).clamp(min=0)
     own = torch.arange(f.shape[0], device=f.device)[:, None]
     w = torch.where(idx == own, torch.zeros_like(w), w)  # W's diagonal is zeroed
     deg = w.sum(1).index_add_(0, idx.reshape(-1), w.reshape(-1))
@@ -181,18 +169,7 @@ def _csr_halves(idx: Tensor, val: Tensor) -> tuple[Tensor, Tensor]:
     return forward, backward
 
 
-def patch_graph(
-    features: Tensor,
-    positions: Tensor,
-    *,
-    k: int = 400,
-    gamma: float = 3.0,
-    sigma: float = 0.01,
-    dist_pow: float = 1.0,
-    appearance: str = "power",
-    sigma_a: float = 0.1,
-    spatial: str = "rbf",
-) -> Tensor:
+def patch_graph(features: Tensor, positions: Tensor, kernel: LPConfig | None = None) -> Tensor:
     """The symmetrically normalised patch affinity ``S_hat = D^-1/2 W D^-1/2`` (SPEC §3).
 
     ``W = S + S^T`` with the diagonal zeroed, ``S`` holding the kNN edge weights
@@ -206,12 +183,13 @@ def patch_graph(
     Args:
         features: ``[N, D]``, L2-normalised here.
         positions: ``[N, 2]`` patch centres in pixels.
+        kernel: the graph's ``k``, ``gamma``, ``sigma``, ``dist_pow``, ``appearance``, ``sigma_a`` and
+            ``spatial`` (default :class:`lposs_lab.LPConfig` ``()``; its solver fields are not read).
 
     Returns:
         Sparse CSR ``[N, N]`` float32 tensor on the features' device, columns sorted and distinct per row.
     """
-    kernel = dict(k=k, gamma=gamma, sigma=sigma, dist_pow=dist_pow, appearance=appearance, sigma_a=sigma_a)
-    idx, val = _normalised_knn(features, positions, spatial=spatial, **kernel)
+    idx, val = _normalised_knn(features, positions, kernel or _LP)
     n = idx.shape[0]
     own = torch.arange(n, device=idx.device)[:, None].expand(idx.shape).reshape(-1)
     keep = own != idx.reshape(-1)
@@ -225,16 +203,7 @@ def patch_graph(
 
 
 def patch_operator(
-    features: Tensor,
-    positions: Tensor,
-    *,
-    k: int = 400,
-    gamma: float = 3.0,
-    sigma: float = 0.01,
-    dist_pow: float = 1.0,
-    appearance: str = "power",
-    sigma_a: float = 0.1,
-    spatial: str = "rbf",
+    features: Tensor, positions: Tensor, kernel: LPConfig | None = None
 ) -> Callable[[Tensor], Tensor]:
     """``X [N, C] -> S_hat X`` for the graph of :func:`patch_graph` (same arguments).
 
@@ -242,8 +211,7 @@ def patch_operator(
     transpose, so building and applying it never needs a host-device synchronisation (the merged graph's
     size depends on the data), and it is faster to build on the CPU too.
     """
-    kernel = dict(k=k, gamma=gamma, sigma=sigma, dist_pow=dist_pow, appearance=appearance, sigma_a=sigma_a)
-    idx, val = _normalised_knn(features, positions, spatial=spatial, **kernel)
+    idx, val = _normalised_knn(features, positions, kernel or _LP)
     forward, backward = _csr_halves(idx, val)
 
     def apply(x: Tensor) -> Tensor:
@@ -252,32 +220,19 @@ def patch_operator(
     return apply
 
 
-def refine_patches(
-    features: Tensor,
-    positions: Tensor,
-    scores: Tensor,
-    *,
-    k: int = 400,
-    gamma: float = 3.0,
-    sigma: float = 0.01,
-    dist_pow: float = 1.0,
-    alpha: float = 0.95,
-    max_iter: int = 10,
-    tol: float = 1e-6,
-    appearance: str = "power",
-    sigma_a: float = 0.1,
-    spatial: str = "rbf",
-) -> Tensor:
-    """LPOSS: propagate per-patch class scores over the kNN patch graph (SPEC §3).
+def propagate_patches(features: Tensor, positions: Tensor, scores: Tensor, config: LPConfig) -> Tensor:
+    """:func:`refine_patches` with its hyperparameters as one :class:`lposs_lab.LPConfig`.
 
-    Solves ``(I - alpha S_hat) X = Y`` for all classes at once by ``max_iter`` steps of
+    Solves ``(I - config.alpha S_hat) X = Y`` for all classes at once by ``config.max_iter`` steps of
     conjugate gradient from zero (see :func:`patch_graph` for ``S_hat`` and the kernels, and
-    :func:`patch_operator` for how it is applied).
+    :func:`patch_operator` for how it is applied). ``config.graph_features`` is not read: ``features``
+    are the graph.
 
     Args:
         features: ``[N, D]`` graph features (DINO), L2-normalised inside.
         positions: ``[N, 2]`` patch centres ``(y, x)`` in pixels.
         scores: ``[N, C]`` initial scores ``Y``.
+        config: the kernel and solver settings.
 
     Returns:
         ``[N, C]`` float32 propagated scores on the device of ``scores``.
@@ -286,22 +241,59 @@ def refine_patches(
         raise ValueError(
             f"scores must be [N, C] with N = {features.shape[0]} (from features), got {tuple(scores.shape)}"
         )
-    if not 0 <= alpha < 1:
-        raise ValueError(f"alpha must be in [0, 1), got {alpha}")
-    s_hat = patch_operator(
-        features.to(scores.device),
-        positions.to(scores.device),
-        k=k,
-        gamma=gamma,
-        sigma=sigma,
-        dist_pow=dist_pow,
-        appearance=appearance,
-        sigma_a=sigma_a,
-        spatial=spatial,
-    )
+    s_hat = patch_operator(features.to(scores.device), positions.to(scores.device), config)
     y = scores.float()
+    alpha = config.alpha
 
     def matvec(x: Tensor) -> Tensor:
         return x - alpha * s_hat(x)
 
-    return conjugate_gradient(matvec, y, max_iter=max_iter, tol=tol)
+    return conjugate_gradient(matvec, y, max_iter=config.max_iter, tol=config.tol)
+
+
+def refine_patches(
+    features: Tensor,
+    positions: Tensor,
+    scores: Tensor,
+    *,
+    k: int = _LP.k,
+    gamma: float = _LP.gamma,
+    sigma: float = _LP.sigma,
+    dist_pow: float = _LP.dist_pow,
+    alpha: float = _LP.alpha,
+    max_iter: int = _LP.max_iter,
+    tol: float = _LP.tol,
+    appearance: str = _LP.appearance,
+    sigma_a: float = _LP.sigma_a,
+    spatial: str = _LP.spatial,
+) -> Tensor:
+    """LPOSS: propagate per-patch class scores over the kNN patch graph (SPEC §3).
+
+    The keyword arguments are the fields of :class:`lposs_lab.LPConfig` (same defaults, checked the
+    same way); :func:`propagate_patches` takes them as one config.
+
+    Args:
+        features: ``[N, D]`` graph features (DINO), L2-normalised inside.
+        positions: ``[N, 2]`` patch centres ``(y, x)`` in pixels.
+        scores: ``[N, C]`` initial scores ``Y``.
+
+    Returns:
+        ``[N, C]`` float32 propagated scores on the device of ``scores``.
+
+    Raises:
+        ValueError: shapes that do not fit, or a hyperparameter out of range (a
+            :class:`lposs_lab.errors.ConfigError` naming it and the valid values).
+    """
+    config = LPConfig(
+        k=k,
+        gamma=gamma,
+        sigma=sigma,
+        dist_pow=dist_pow,
+        alpha=alpha,
+        max_iter=max_iter,
+        tol=tol,
+        appearance=appearance,
+        sigma_a=sigma_a,
+        spatial=spatial,
+    )
+    return propagate_patches(features, positions, scores, config)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .config import LPConfig, LPOSSConfig, PixelConfig, WindowConfig
 from .pixels import pixel_stage
 from .predictor import LPOSS, resolve_device
-from .propagation import refine_patches
+from .propagation import propagate_patches
 from .windows import (
     crop_windows,
     patch_positions,
@@ -150,12 +150,8 @@ def _patch_stage(
         pos = _as_float_tensor(positions, "positions", device)
         if pos.shape != (n, 2):
             raise ValueError(f"positions must be [N={n}, 2] (y, x) in resized pixels, got {tuple(pos.shape)}")
-    out = refine_patches(feats, pos, y, **_lp_args(lp))  # [N, C]
+    out = propagate_patches(feats, pos, y, lp)  # [N, C]
     return out.T.reshape(-1, gh, gw)
-
-
-def _lp_args(lp: LPConfig) -> dict[str, Any]:
-    return {f.name: getattr(lp, f.name) for f in fields(LPConfig) if f.name != "graph_features"}
 
 
 def _vm_patch_stage(
@@ -187,7 +183,7 @@ def _vm_patch_stage(
     crops = crop_windows(scores, feats.windows)  # [B, C, wh, ww]
     y = F.adaptive_avg_pool2d(crops, (gh, gw)).permute(0, 2, 3, 1).reshape(b * gh * gw, -1)
     pos = patch_positions(feats.windows, (gh, gw), feats.patch_size, device=device)
-    out = refine_patches(feats.vm.reshape(b * gh * gw, d), pos, y, **_lp_args(lp))
+    out = propagate_patches(feats.vm.reshape(b * gh * gw, d), pos, y, lp)
     grids = out.reshape(b, gh, gw, -1).permute(0, 3, 1, 2)
     return stitch_windows(grids, feats.windows, h, w)
 

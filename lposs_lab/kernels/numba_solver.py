@@ -20,9 +20,12 @@ import torch
 from numba import njit, prange, uint64
 from torch import Tensor
 
+from ..config import PixelConfig
 from .numba_stencil import padded_width, row_layout, slot_width, stencil_matvec
 
 __all__ = ["neighbourhood_from_features", "numba_pixel_solver"]
+
+_PX = PixelConfig()  # the keyword defaults below (the dataclass is their one source)
 
 
 @njit(parallel=True, cache=True)
@@ -103,7 +106,12 @@ def _normalise(nbhd, h, w, half):  # pragma: no cover - compiled
 
 
 def neighbourhood_from_features(
-    features: Tensor, *, r: int = 13, tau: float = 0.01, spatial: str = "binary", sigma_s: float = 6.0
+    features: Tensor,
+    *,
+    r: int = _PX.r,
+    tau: float = _PX.tau,
+    spatial: str = _PX.spatial,
+    sigma_s: float = _PX.sigma_s,
 ) -> tuple[np.ndarray, int]:
     """The normalised pixel graph ``S_hat`` of SPEC §4 as a pixel-major neighbourhood.
 
@@ -204,13 +212,13 @@ def _direction(p, lead, r, beta):  # pragma: no cover - compiled
 def numba_pixel_solver(
     features: Tensor,
     *,
-    r: int = 13,
-    tau: float = 0.01,
-    alpha: float = 0.95,
-    max_iter: int = 10,
-    tol: float = 1e-6,
-    spatial: str = "binary",
-    sigma_s: float = 6.0,
+    r: int = _PX.r,
+    tau: float = _PX.tau,
+    alpha: float = _PX.alpha,
+    max_iter: int = _PX.max_iter,
+    tol: float = _PX.tol,
+    spatial: str = _PX.spatial,
+    sigma_s: float = _PX.sigma_s,
 ) -> Callable[[Tensor], Tensor]:
     """Build the pixel graph once; return ``Y [C, H, W] -> X [C, H, W]`` solving ``(I - alpha S_hat) X = Y``.
 

@@ -16,7 +16,7 @@ from lposs_lab.errors import ConfigError
 from lposs_lab.models import create_vlm, create_vm
 from lposs_lab.pixels import pixel_features, refine_pixels
 from lposs_lab.predictor import LPOSS
-from lposs_lab.propagation import refine_patches
+from lposs_lab.propagation import propagate_patches, refine_patches
 from lposs_lab.text import text_embeddings
 from lposs_lab.windows import patch_positions, stitch_windows
 
@@ -105,8 +105,7 @@ def test_per_window_graphs_equal_separate_solves_and_differ_from_the_joint_graph
     text = text_embeddings(vlm, classes).float()
     y = feats.vlm.reshape(b, n, -1) @ text.T
     pos = patch_positions(feats.windows, (gh, gw), feats.patch_size).reshape(b, n, 2)
-    kw = lp.kernel_kwargs()
-    solves = [refine_patches(feats.vm[i].reshape(n, -1), pos[i], y[i], **kw) for i in range(b)]
+    solves = [propagate_patches(feats.vm[i].reshape(n, -1), pos[i], y[i], lp) for i in range(b)]
     for i in (0, b - 1):
         want = ref_refine_patches(feats.vm[i].reshape(n, -1).numpy(), pos[i].numpy(), y[i].numpy(), k=8)
         assert rel_err(solves[i].numpy(), want) < 1e-4

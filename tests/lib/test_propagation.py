@@ -6,6 +6,7 @@ from conftest import cuda
 from reference import ref_refine_patches, rel_err
 
 from lposs_lab import conjugate_gradient, knn_inner_product, patch_graph, refine_patches
+from lposs_lab.config import LPConfig
 from lposs_lab.propagation import patch_operator
 
 
@@ -73,7 +74,7 @@ def test_zero_score_column_stays_zero():
 
 def test_graph_is_symmetric_normalised_without_diagonal():
     feats, pos, _ = _inputs(n=120)
-    csr = patch_graph(feats, pos, k=10)
+    csr = patch_graph(feats, pos, LPConfig(k=10))
     # A valid CSR: rows in order, columns sorted and unique within each row (mutual neighbours summed).
     crow, col = csr.crow_indices(), csr.col_indices()
     for i in range(csr.shape[0]):
@@ -92,8 +93,9 @@ def test_graph_is_symmetric_normalised_without_diagonal():
 def test_operator_applies_the_merged_graph(n, k):
     # refine_patches applies S_hat = A + A^T as two fixed-size sparse products (no device waits)
     feats, pos, scores = _inputs(n=n)
-    op = patch_operator(feats, pos, k=k, spatial="linear", sigma=0.003)
-    csr = patch_graph(feats, pos, k=k, spatial="linear", sigma=0.003)
+    kernel = LPConfig(k=k, spatial="linear", sigma=0.003)
+    op = patch_operator(feats, pos, kernel)
+    csr = patch_graph(feats, pos, kernel)
     out = op(scores)
     assert out.shape == scores.shape and out.dtype == torch.float32
     assert torch.allclose(out, csr @ scores, rtol=1e-5, atol=1e-6)
@@ -135,7 +137,7 @@ def test_bad_shapes_and_kernels_raise_clear_errors():
         refine_patches(feats, pos, scores[:5])
     with pytest.raises(ValueError, match="positions"):
         refine_patches(feats, pos[:, :1], scores)
-    with pytest.raises(ValueError, match="valid choices: rbf, linear, none"):
+    with pytest.raises(ValueError, match="valid: rbf | linear | none"):
         refine_patches(feats, pos, scores, spatial="gauss")
     with pytest.raises(ValueError, match="alpha"):
         refine_patches(feats, pos, scores, alpha=1.0)

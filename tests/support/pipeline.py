@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lposs_lab.config import LPOSSConfig
 from lposs_lab.pixels import pixel_features, refine_pixels
-from lposs_lab.propagation import refine_patches
+from lposs_lab.propagation import propagate_patches
 from lposs_lab.text import parse_classes, split_synonyms, text_embeddings
 from lposs_lab.windows import patch_positions, stitch_windows
 
@@ -46,14 +46,14 @@ def scores_by_hand(
         if method != "maskclip":
             graph = (feats.vm if config.lp.graph_features == "vm" else feats.vlm).reshape(b, n, -1)
             pos = patch_positions(feats.windows, (gh, gw), feats.patch_size).reshape(b, n, 2)
-            kw = config.lp.kernel_kwargs()
+            lp = config.lp
             if win.joint:  # one graph over every window's patches
-                flat = refine_patches(
-                    graph.reshape(b * n, -1), pos.reshape(b * n, 2), y.reshape(b * n, -1), **kw
+                flat = propagate_patches(
+                    graph.reshape(b * n, -1), pos.reshape(b * n, 2), y.reshape(b * n, -1), lp
                 )
                 y = flat.reshape(b, n, -1)
             else:  # one graph per window
-                y = torch.stack([refine_patches(graph[i], pos[i], y[i], **kw) for i in range(b)])
+                y = torch.stack([propagate_patches(graph[i], pos[i], y[i], lp) for i in range(b)])
         grids = y.reshape(b, gh, gw, -1).permute(0, 3, 1, 2)
         _, h, w = feats.image.shape
         if method == "lposs_plus":
@@ -62,11 +62,8 @@ def scores_by_hand(
             if px.feature != "lab":
                 depth = model.depth_model(feats.image[None])[0]
                 feat = pixel_features(feats.image, depth, px.feature, depth_weight=px.depth_weight)
-            scores = refine_pixels(
-                feats.image, stitch_windows(grids, feats.windows, h, w), r=px.r, tau=px.tau,
-                alpha=px.alpha, max_iter=px.max_iter, tol=px.tol, spatial=px.spatial, sigma_s=px.sigma_s,
-                features=feat,
-            )  # fmt: skip
+            stitched = stitch_windows(grids, feats.windows, h, w)
+            scores = refine_pixels(feats.image, stitched, features=feat, **px.solver_kwargs())
         elif win.size <= 0:
             scores = grids[0]
         else:
