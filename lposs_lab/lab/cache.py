@@ -320,12 +320,21 @@ def _process_alive(pid: int) -> bool:
 
 
 @atexit.register
-def _flush_open_caches() -> None:  # a run that forgot close() still keeps what it computed
+def _flush_open_caches() -> None:
+    """At exit, write the pending images of every cache that was not closed (a run that forgot close()
+    still keeps what it computed); one warning line per cache whose images could not be written."""
     for cache in list(_OPEN):
+        pending = len(cache._pending)
         try:
             cache.flush()
-        except Exception:  # pragma: no cover - best effort at interpreter exit
-            pass
+        except (OSError, ValueError, RuntimeError, ImportError) as exc:  # disk, Arrow, interpreter exit
+            reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+            print(
+                f"warning: feature cache {cache.path}: {pending} computed image(s) could not be written at "
+                f"exit ({reason}); they will be recomputed next time",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 class FeatureStore:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 
 from lposs_lab.files import atomic_write
 
-from .records import class_display_names, summarize
+from .metrics import DILATION_RATIO
+from .records import StateStore, class_display_names, summarize
 
 __all__ = ["ImageProgressBar", "ShareCPUThreads", "EvaluationReport"]
 
@@ -50,6 +52,11 @@ class EvaluationReport(pl.Callback):
     """Per-class and per-image tables (CSV and W&B), W&B summary metrics and sample images with masks.
 
     Args:
+        store: the run's per-image records (``None``: no tables, e.g. a trainer built without a run).
+        ids: every image id of the split, in order (the tables' rows).
+        classes: the benchmark's class names (``;`` synonyms), in label order.
+        dataset: the benchmark's name (the W&B summary keys are ``<dataset>/mIoU``...).
+        boundary: the run computes Boundary IoU; ``dilation_ratio``: its band width.
         log_images: how many evaluated images to log to W&B with their predicted and ground-truth masks.
 
     Rank 0 only. The tables come from the run's per-image records (every process's images), so they hold
@@ -57,7 +64,23 @@ class EvaluationReport(pl.Callback):
     ``per_class_iou`` / ``per_image`` ``wandb.Table``s plus ``<dataset>/mIoU``-style summary keys in W&B.
     """
 
-    def __init__(self, log_images: int = 0) -> None:
+    def __init__(
+        self,
+        store: StateStore | None = None,
+        ids: Sequence[str] = (),
+        classes: Sequence[str] = (),
+        *,
+        dataset: str = "dataset",
+        boundary: bool = False,
+        dilation_ratio: float = DILATION_RATIO,
+        log_images: int = 0,
+    ) -> None:
+        self.store = store
+        self.ids = list(ids)
+        self.classes = list(classes)
+        self.dataset = str(dataset)
+        self.boundary = bool(boundary)
+        self.dilation_ratio = float(dilation_ratio)
         self.log_images = max(0, int(log_images))
         self.logged = 0
 
@@ -73,7 +96,7 @@ class EvaluationReport(pl.Callback):
             return
         import wandb
 
-        names = dict(enumerate(class_display_names(pl_module.classes)))
+        names = dict(enumerate(class_display_names(self.classes)))
         for sample in batch:
             labels = outputs.get(str(sample["id"]))
             if labels is None or self.logged >= self.log_images:
@@ -95,16 +118,15 @@ class EvaluationReport(pl.Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        ids = list(getattr(pl_module, "ids", None) or [])
-        if not ids:
+        if self.store is None or not self.ids:
             return
         summary = summarize(
-            pl_module.store.load(ids),
-            pl_module.classes,
-            boundary=pl_module.biou is not None,
-            dilation_ratio=getattr(pl_module.biou, "dilation_ratio", 0.02),
+            self.store.load(self.ids),
+            self.classes,
+            boundary=self.boundary,
+            dilation_ratio=self.dilation_ratio,
         )
-        dataset = str(pl_module.hparams.get("dataset", "dataset"))
+        dataset = self.dataset
         per_class = [[name, value] for name, value in summary["per_class_iou"].items()]
         per_image = [[r["id"], r["mIoU"], r["seconds"]] for r in summary["per_image"]]
         for lg in trainer.loggers:

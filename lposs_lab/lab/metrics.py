@@ -173,7 +173,12 @@ class SegmentationIoU(_CountMetric):
         return {"mIoU": miou, "per_class_iou": iou, "pixel_accuracy": acc}
 
 
-def boundary_iterations(height: int, width: int, dilation_ratio: float = 0.02) -> int:
+#: Boundary IoU band width as a fraction of the image diagonal (Cheng et al. 2021): the one default of
+#: ``metrics.dilation_ratio`` (``conf/metrics/default.yaml`` states the same value, tests check it).
+DILATION_RATIO = 0.02
+
+
+def boundary_iterations(height: int, width: int, dilation_ratio: float = DILATION_RATIO) -> int:
     """Number of 3x3 erosions for an image: ``max(1, round(dilation_ratio * sqrt(H^2 + W^2)))``."""
     return max(1, int(round(dilation_ratio * math.hypot(height, width))))
 
@@ -229,7 +234,7 @@ class BoundaryIoU(_CountMetric):
         self,
         num_classes: int,
         ignore_index: int = 255,
-        dilation_ratio: float = 0.02,
+        dilation_ratio: float = DILATION_RATIO,
         class_chunk: int = 16,
         **kwargs,
     ) -> None:

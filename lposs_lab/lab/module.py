@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Subset
 from torchmetrics.aggregation import SumMetric
 
 from .data.dataset import SegmentationDataset, collate_samples
-from .metrics import BoundaryIoU, SegmentationIoU, per_image_miou
+from .metrics import DILATION_RATIO, BoundaryIoU, SegmentationIoU, per_image_miou
 from .records import StateStore, image_record, sum_states
 
 __all__ = ["EvalDataModule", "EvalModule", "exit_with_parent"]
@@ -102,7 +102,7 @@ class EvalModule(pl.LightningModule):
         resumed: Sequence[dict[str, Any]] = (),
         ids: Sequence[str] = (),
         boundary: bool = False,
-        dilation_ratio: float = 0.02,
+        dilation_ratio: float = DILATION_RATIO,
         save_predictions: str | None = None,
         hparams: dict[str, Any] | None = None,
     ) -> None:

@@ -29,7 +29,7 @@ import torch
 from lposs_lab.errors import UserError
 from lposs_lab.files import atomic_write
 
-from .metrics import BoundaryIoU, SegmentationIoU
+from .metrics import DILATION_RATIO, BoundaryIoU, SegmentationIoU
 
 __all__ = [
     "StateStore",
@@ -188,7 +188,7 @@ def summarize(
     classes: Sequence[str],
     *,
     boundary: bool = False,
-    dilation_ratio: float = 0.02,
+    dilation_ratio: float = DILATION_RATIO,
 ) -> dict[str, Any]:
     """Split-level numbers from per-image records (sums of their states), in percent.
 

@@ -195,3 +195,27 @@ def test_cached_features_over_a_dataset_and_the_run_config_cache_spec(encoders, 
     assert cache_spec(OmegaConf.create({}), "x") is None
     plain = dict(cached_features(model, [(i, s["image"]) for i, s in zip(ds.ids, ds, strict=True)], None))
     assert all(torch.equal(plain[k].vm, first[k].vm) for k in plain)
+
+
+def test_exit_hook_writes_unclosed_caches_and_names_what_it_could_not(encoders, tmp_path, capsys):
+    import shutil
+
+    from lposs_lab.lab.cache import _flush_open_caches
+
+    model = _model(encoders)
+    feats = model.extract(_images(1)[0])
+    kept = FeatureCache(tmp_path / "kept", {"k": 1}, shard_size=8)
+    kept.put("a", feats)
+    lost = FeatureCache(tmp_path / "lost", {"k": 1}, shard_size=8)
+    lost.put("a", feats)
+    lost.put("b", feats)
+    shutil.rmtree(lost.path)
+    lost.path.write_text("not a folder")  # its shard cannot be written
+    _flush_open_caches()
+    err = capsys.readouterr().err
+    assert FeatureCache(tmp_path / "kept", {"k": 1}).get("a") is not None  # written by the hook
+    lines = [line for line in err.splitlines() if line.startswith("warning: feature cache")]
+    assert len(lines) == 1, err
+    assert str(lost.path) in lines[0] and "2 computed image(s) could not be written" in lines[0]
+    lost.path.unlink()
+    lost._pending.clear()  # nothing left for the real exit hook

@@ -90,3 +90,37 @@ def test_trainer_spawns_for_several_devices_and_follows_device(tmp_path, capsys)
     assert "3 image(s) left, using 3 process(es) instead of 4" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="trainer.strategy=fsdp is not supported"):
         build_trainer(_cfg(tmp_path, "trainer.strategy=fsdp"), loggers=[], callbacks=[], todo=1)
+
+
+def test_evaluation_report_writes_the_tables_from_what_it_was_given(tmp_path):
+    # built with the store, ids, classes and dataset it reports on: it reads nothing from the module
+    import csv as csvlib
+    from types import SimpleNamespace
+
+    import torch
+
+    from lposs_lab.lab.metrics import SegmentationIoU
+    from lposs_lab.lab.records import StateStore, image_record
+
+    store = StateStore(tmp_path / "states")
+    metric = SegmentationIoU(2)
+    target = torch.tensor([[0, 0], [1, 1]])
+    preds = {"a": torch.tensor([[0, 0], [1, 1]]), "b": torch.tensor([[0, 1], [1, 1]])}
+    for key, pred in preds.items():
+        store.write(image_record(key, iou=metric.counts(pred, target), miou=0.5, seconds=0.25))
+    logger = CSVLogger(str(tmp_path), name="csv")
+    report = EvaluationReport(store, ["a", "b"], ["sky", "road;street"], dataset="voc20")
+    trainer = SimpleNamespace(is_global_zero=True, loggers=[logger])
+    report.on_test_end(trainer, None)
+    with open(Path(logger.log_dir) / "per_class.csv") as fh:
+        rows = list(csvlib.reader(fh))
+    # over both images sky has TP 3, FN 1 -> IoU 3/4; road TP 4, FP 1 -> 4/5
+    assert rows[0] == ["class", "IoU"] and [r[0] for r in rows[1:]] == ["sky", "road"]
+    assert float(rows[1][1]) == pytest.approx(75.0) and float(rows[2][1]) == pytest.approx(80.0)
+    with open(Path(logger.log_dir) / "per_image.csv") as fh:
+        assert [r[0] for r in list(csvlib.reader(fh))[1:]] == ["a", "b"]
+    # without a store (a trainer built outside a run) it writes nothing
+    empty = tmp_path / "empty"
+    bare = SimpleNamespace(is_global_zero=True, loggers=[CSVLogger(str(empty))])
+    EvaluationReport().on_test_end(bare, None)
+    assert not list(empty.rglob("*.csv"))

@@ -29,6 +29,7 @@ from lposs_lab.files import atomic_write
 
 from ..data.benchmarks import BENCHMARKS, BenchmarkInfo, get_benchmark
 from ..data.dataset import SegmentationDataset
+from ..metrics import DILATION_RATIO
 from ..records import StateStore, summarize
 from ..tables import method_label, results_table
 from .config import (
@@ -169,7 +170,7 @@ def plan_evaluation(cfg: DictConfig) -> EvalPlan:
     method, source, meta = _source(cfg, info, dataset)
     mcfg = cfg.get("metrics") or {}
     boundary = bool(mcfg.get("boundary", False))
-    dilation = float(mcfg.get("dilation_ratio", 0.02))
+    dilation = float(mcfg.get("dilation_ratio", DILATION_RATIO))
     meta = {
         "dataset": info.name,
         **meta,
@@ -252,7 +253,16 @@ def run_evaluation(plan: EvalPlan, cfg: DictConfig) -> int | None:
     )
     datamodule = EvalDataModule(plan.dataset, skip=plan.done, num_workers=plan.num_workers)
     loggers, options = build_loggers(cfg)
-    trainer = build_trainer(cfg, loggers=loggers, callbacks=build_callbacks(cfg, options), todo=plan.todo)
+    report = {
+        "store": plan.store,
+        "ids": plan.dataset.ids,
+        "classes": plan.info.classes,
+        "dataset": plan.info.name,
+        "boundary": plan.boundary,
+        "dilation_ratio": plan.dilation_ratio,
+    }
+    callbacks = build_callbacks(cfg, options, report=report)
+    trainer = build_trainer(cfg, loggers=loggers, callbacks=callbacks, todo=plan.todo)
     try:
         trainer.test(module, datamodule=datamodule, verbose=False)
     except SystemExit as exc:  # Lightning ends the loop with SIGTERMException (exit status 0) on SIGTERM

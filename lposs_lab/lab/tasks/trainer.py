@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import netrc
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -103,8 +104,14 @@ def _wandb_mode(kwargs: dict[str, Any]) -> None:
         _LEFT_BY_US.add("offline")
 
 
-def build_callbacks(cfg: DictConfig, options: LoggerOptions | None = None) -> list[Any]:
-    """The callbacks of ``cfg.callbacks`` (a ``null`` entry is left out) plus the evaluation report."""
+def build_callbacks(
+    cfg: DictConfig, options: LoggerOptions | None = None, *, report: Mapping[str, Any] | None = None
+) -> list[Any]:
+    """The callbacks of ``cfg.callbacks`` (a ``null`` entry is left out) plus the evaluation report.
+
+    ``report``: the keyword arguments of :class:`lposs_lab.lab.callbacks.EvaluationReport` (the run's
+    record store, ids, classes, dataset name, Boundary IoU settings); without it the report writes nothing.
+    """
     from ..callbacks import EvaluationReport
 
     out: list[Any] = []
@@ -117,7 +124,7 @@ def build_callbacks(cfg: DictConfig, options: LoggerOptions | None = None) -> li
             continue
         out.append(instantiate(node))
     log_images = max([int(o.get("log_images", 0)) for o in (options or {}).values()] or [0])
-    out.append(EvaluationReport(log_images=log_images))
+    out.append(EvaluationReport(**dict(report or {}), log_images=log_images))
     return out
 
 
