@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from .predictor_parts import (
     patch_stage,
     reduce_synonyms,
 )
+from .score_files import PatchGrids
 from .windows import (
     Window,
     crop_windows,
@@ -99,12 +100,16 @@ class Prediction:
         class_names: one name per class (the first synonym of each ``;`` group).
         low_res_scores: ``[C, h, w]`` class scores before the final resize (resized-image resolution).
         timings: seconds spent per stage (``features``, ``patch_lp``, ``pixel_lp``, ``total``).
+        patch_grids: for MaskCLIP / LPOSS over sliding windows, the per-window patch grids whose
+            stitching gives ``low_res_scores`` (:meth:`lposs_lab.score_files.PatchGrids.scores`): the
+            same scores in a fraction of the memory; None otherwise.
     """
 
     labels: Tensor
     class_names: list[str]
     low_res_scores: Tensor
     timings: dict[str, float] = field(default_factory=dict)
+    patch_grids: PatchGrids | None = None
 
     @property
     def scores(self) -> Tensor:
@@ -279,39 +284,39 @@ class LPOSS:
     def propagate(self, feats: ImageFeatures) -> tuple[Tensor, dict[str, float]]:
         """Scores ``[C, h, w]`` before the final resize, from cached features and the current classes."""
         scores, timings = self.propagate_names(feats)
-        return self._reduce_synonyms(scores), timings
+        return reduce_synonyms(scores, self._owner, len(self.classes)), timings
 
     @torch.inference_mode()
     def propagate_names(self, feats: ImageFeatures) -> tuple[Tensor, dict[str, float]]:
         """As :meth:`propagate`, before the synonym max: ``[Q, h, w]``, one row per name (synonym)."""
+        feats = feats.to(self.device)
+        grids, timer = self.patch_grids(feats)
+        (_, h, w), px = feats.image.shape, self.config.pixel
+        with timer("pixel_lp"):
+            if self.method == "lposs_plus":
+                scores = stitch_windows(grids, feats.windows, h, w)
+                scores = pixel_stage(feats.image, scores, px, features=self.pixel_features(feats))
+            elif self.config.window.size <= 0:
+                scores = grids[0]  # the patch grid goes straight to the original size (SPEC §5)
+            else:
+                scores = stitch_windows(grids, feats.windows, h, w)
+        return scores, timer.seconds
+
+    @torch.inference_mode()
+    def patch_grids(self, feats: ImageFeatures) -> tuple[Tensor, StageTimer]:
+        """``[B, Q, gh, gw]`` per-window, per-name patch scores (after the patch stage but for MaskCLIP)."""
         if self._text is None:
             raise RuntimeError("no classes set: call set_classes([...]) first or pass classes= to predict()")
-        cfg = self.config
-        feats = feats.to(self.device)
-        timer = StageTimer(self.device)
+        cfg, feats, timer = self.config, feats.to(self.device), StageTimer(self.device)
         b, gh, gw, _ = feats.vm.shape
         y = feats.vlm.reshape(b * gh * gw, -1) @ self._text.T  # [N, T]
-        _, h, w = feats.image.shape
         with timer("patch_lp"):
             if self.method != "maskclip":
                 graph = (feats.vm if cfg.lp.graph_features == "vm" else feats.vlm).reshape(b, gh * gw, -1)
                 pos = patch_positions(feats.windows, (gh, gw), feats.patch_size, device=self.device)
                 ys = y.reshape(b, gh * gw, -1)
                 y = patch_stage(graph, pos.reshape(b, -1, 2), ys, cfg.lp, cfg.window.joint)
-        grids = y.reshape(b, gh, gw, -1).permute(0, 3, 1, 2)
-        with timer("pixel_lp"):
-            if self.method == "lposs_plus":
-                scores = stitch_windows(grids, feats.windows, h, w)
-                scores = pixel_stage(feats.image, scores, cfg.pixel, features=self.pixel_features(feats))
-            elif cfg.window.size <= 0:
-                scores = grids[0]  # the patch grid goes straight to the original size (SPEC §5)
-            else:
-                scores = stitch_windows(grids, feats.windows, h, w)
-        return scores, timer.seconds
-
-    def _reduce_synonyms(self, scores: Tensor) -> Tensor:
-        assert self._owner is not None and self._classes is not None
-        return reduce_synonyms(scores, self._owner, len(self._classes))
+        return y.reshape(b, gh, gw, -1).permute(0, 3, 1, 2), timer
 
     # ------------------------------------------------------------------ all at once
     def predict(
@@ -350,10 +355,11 @@ class LPOSS:
         t_start = time.perf_counter()
         keep_names = abstain is not None or postprocess is not None
         # one window setup, or the ensemble's setups averaged
-        scores, name_scores, feats, timings = average_setups(self, image, image_id, keep_names)
+        scores, name_scores, feats, timings, grids = average_setups(self, image, image_id, keep_names)
         labels = final_labels(scores, name_scores, feats, self._owner, postprocess, abstain)
         timings["total"] = time.perf_counter() - t_start
-        return Prediction(labels.cpu(), names, scores.cpu(), timings)
+        grids = None if grids is None else replace(grids, grids=grids.grids.cpu(), owner=grids.owner.cpu())
+        return Prediction(labels.cpu(), names, scores.cpu(), timings, grids)
 
     def __repr__(self) -> str:
         cfg = self.config

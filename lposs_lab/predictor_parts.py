@@ -23,7 +23,8 @@ from .config import ENCODER_DTYPES, LPConfig, WindowConfig
 from .postprocess import UNKNOWN, Abstain
 from .postprocess import abstain as apply_abstain
 from .propagation import propagate_patches
-from .windows import resize_argmax
+from .score_files import PatchGrids
+from .windows import resize_argmax, stitch_windows
 
 __all__ = [
     "StageTimer",
@@ -168,23 +169,38 @@ class ScoreAverage:
 
 def average_setups(
     model: Any, image: Any, image_id: str | None, keep_names: bool
-) -> tuple[Tensor, Tensor | None, Any, dict[str, float]]:
+) -> tuple[Tensor, Tensor | None, Any, dict[str, float], PatchGrids | None]:
     """Features and propagation of ``image`` for every window setup of ``model.config.window``, averaged.
 
     Returns ``(class scores [C, h, w], per-name scores [Q, h, w] or None (see :class:`ScoreAverage`),
-    the last setup's ImageFeatures, seconds per stage: features, patch_lp, pixel_lp)``.
+    the last setup's ImageFeatures, seconds per stage: features, patch_lp, pixel_lp, patch grids)``.
+    The patch grids (:class:`lposs_lab.score_files.PatchGrids`) are the lossless low-resolution form of
+    the class scores when those are stitched window grids: MaskCLIP or LPOSS over one sliding-window
+    setup; else None.
     """
+    win = model.config.window
+    grid_form = model.method != "lposs_plus" and win.size > 0 and not win.ensemble
     timer = StageTimer(model.device, ("features", "patch_lp", "pixel_lp"))
     average = ScoreAverage(keep_names)
-    feats = None
-    for win in window_setups(model.config.window):
+    feats = saved = None
+    for setup in window_setups(win):
         with timer("features"):
-            feats = model.features(image, win, image_id)
-        name_scores, seconds = model.propagate_names(feats)
+            feats = model.features(image, setup, image_id)
+        num_classes = len(model.classes)
+        if grid_form:  # the stitching of LPOSS.propagate_names, keeping its input
+            feats = feats.to(model.device)
+            grids, stages = model.patch_grids(feats)
+            size = (int(feats.image.shape[1]), int(feats.image.shape[2]))
+            saved = PatchGrids(grids, tuple(feats.windows), size, model._owner, num_classes)
+            with stages("pixel_lp"):
+                name_scores = stitch_windows(grids, feats.windows, *size)
+            seconds = stages.seconds
+        else:
+            name_scores, seconds = model.propagate_names(feats)
         timer.add(seconds)
-        average.add(reduce_synonyms(name_scores, model._owner, len(model.classes)), name_scores)
+        average.add(reduce_synonyms(name_scores, model._owner, num_classes), name_scores)
     scores, names = average.mean()
-    return scores, names, feats, timer.seconds
+    return scores, names, feats, timer.seconds, saved
 
 
 def check_abstain(abstain: Abstain | None, num_classes: int) -> None:

@@ -15,6 +15,7 @@ predictor runs after its patch stage:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -28,6 +29,7 @@ from .config import LPConfig, LPOSSConfig, PixelConfig, WindowConfig
 from .pixels import pixel_stage
 from .predictor import LPOSS, resolve_device
 from .propagation import propagate_patches
+from .score_files import PatchGrids, read_score_file
 from .windows import (
     crop_windows,
     patch_positions,
@@ -191,7 +193,7 @@ def _vm_patch_stage(
 @torch.inference_mode()
 def refine(
     image: Any,
-    scores: Tensor | np.ndarray,
+    scores: Tensor | np.ndarray | PatchGrids | str | os.PathLike,
     *,
     r: int = _PX.r,
     tau: float = _PX.tau,
@@ -235,7 +237,9 @@ def refine(
             :func:`lposs_lab.image_io.to_rgb_uint8` accepts), of size ``(H, W)``.
         scores: ``[C, h, w]`` class scores of the whole image at any resolution (and any aspect: the
             map is stretched over the image), float torch tensor or numpy array of any float dtype.
-            They are used as given: logits, cosines or probabilities, no softmax is applied.
+            They are used as given: logits, cosines or probabilities, no softmax is applied. Also a
+            :class:`lposs_lab.score_files.PatchGrids` (window grids, stitched as the predictor does) or
+            the path of a score file in either form (``save_scores``, see :mod:`lposs_lab.score_files`).
         r, tau, alpha, max_iter, tol, spatial, sigma_s, backend, max_bytes: pixel-stage
             hyperparameters, see :class:`lposs_lab.PixelConfig`.
         features: optional ``[F, h', w']`` pixel features replacing Lab, at the resized image's size
@@ -268,6 +272,10 @@ def refine(
         >>> out = refine("photo.jpg", logits)          # logits [C, h, w] from any segmenter
         >>> out.labels.shape                           # the photo's (H, W)
     """
+    if isinstance(scores, str | os.PathLike):
+        scores, _ = read_score_file(scores)
+    if isinstance(scores, PatchGrids):  # pixel scores at the saving run's resized image
+        scores = scores.scores()
     dev = _default_device(scores, device)
     y = _as_float_tensor(scores, "scores", dev)
     if patch_features is None:  # pixel scores (also with vm=)

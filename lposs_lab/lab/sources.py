@@ -7,7 +7,6 @@ int64 label map of one dataset sample) and ``close()``.
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,9 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lposs_lab.config import LPOSSConfig
-from lposs_lab.files import atomic_write
 from lposs_lab.image_io import ImageError
 from lposs_lab.postprocess import Abstain
+from lposs_lab.score_files import PatchGrids, write_score_file
 
 from .cache import FeatureCacheSpec
 from .data.benchmarks import IGNORE_INDEX, load_label
@@ -48,8 +47,10 @@ class PredictorSource:
         cache: optional feature cache (encoder outputs reused across runs).
         abstain: optional abstain rule (``predict.unknown_threshold``), see :class:`lposs_lab.Abstain`.
         postprocess: optional step on the per-name scores (``postprocess=pamr``).
-        save_scores: optional folder: each image's scores go to ``<id>.npz`` (float16 ``scores [C, h, w]``
-            at the resized image, and ``classes``), written atomically; ``task=refine`` reads them.
+        save_scores: optional folder: each image's scores go to ``<id>.npz`` (float16, compressed, written
+            atomically; :mod:`lposs_lab.score_files`): MaskCLIP / LPOSS over sliding windows as their
+            per-window patch grids and the stitching rule, LPOSS+ as ``scores [C, h, w]`` at the resized
+            image; ``task=refine`` and :func:`lposs_lab.refine` read both.
     """
 
     config: LPOSSConfig
@@ -80,9 +81,8 @@ class PredictorSource:
             sample["image"], image_id=str(sample["id"]), abstain=self.abstain, postprocess=self.postprocess
         )
         if self.save_scores:
-            save_score_file(
-                Path(self.save_scores) / f"{sample['id']}.npz", pred.low_res_scores, pred.class_names
-            )
+            scores = pred.low_res_scores if pred.patch_grids is None else pred.patch_grids
+            save_score_file(Path(self.save_scores) / f"{sample['id']}.npz", scores, pred.class_names)
         return pred.labels
 
     def close(self) -> None:
@@ -93,14 +93,12 @@ class PredictorSource:
         return {**self.__dict__, "predictor": None}  # workers build their own predictor
 
 
-def save_score_file(path: Path, scores: Tensor, class_names: list[str]) -> None:
-    """Write ``scores [C, h, w]`` (as float16) and ``classes`` to ``path`` (``.npz``), atomically."""
-    buf = io.BytesIO()
-    np.savez_compressed(
-        buf, scores=scores.float().cpu().numpy().astype(np.float16), classes=np.array(class_names)
-    )
-    with atomic_write(path) as fh:
-        fh.write(buf.getvalue())
+def save_score_file(path: Path, scores: Tensor | PatchGrids, class_names: list[str]) -> int:
+    """Write ``scores`` (``[C, h, w]`` or window grids) and ``classes`` to ``path`` (``.npz``), atomically.
+
+    See :func:`lposs_lab.score_files.write_score_file`; returns the file's size in bytes.
+    """
+    return write_score_file(path, scores, class_names)
 
 
 def read_prediction(

@@ -27,6 +27,7 @@ from lposs_lab import LPOSS, UNKNOWN, Abstain, LPOSSConfig, WindowConfig
 from lposs_lab.lab.data import SegmentationDataset
 from lposs_lab.lab.tasks import run_task
 from lposs_lab.postprocess import PAMRStep
+from lposs_lab.score_files import PatchGrids, read_score_file
 from lposs_lab.viz import legend_entries
 
 REPO = Path(__file__).resolve().parents[2]
@@ -114,20 +115,56 @@ def exported(env):
 
 
 # ------------------------------------------------------------------------------- export -> refine
+def _pixel_scores(path: Path) -> torch.Tensor:
+    """The [C, h, w] scores of a score file in either form (window grids stitched)."""
+    scores, _ = read_score_file(path)
+    return scores.scores() if isinstance(scores, PatchGrids) else scores
+
+
 def test_saved_scores_are_the_float16_patch_stage_scores(env, exported):
-    """save_scores holds every image's [C, h, w] scores at the resized image (448 x 560), float16."""
+    """method=lposs saves its window grids (stitched: [C, h, w] at the resized image, 448 x 560), LPOSS+
+    its full-resolution scores, float16 both."""
     ids = sorted(gts(env))
     assert sorted(p.stem for p in (env["base"] / "scores").iterdir()) == ids
     for key in ids:
-        data = np.load(env["base"] / "scores" / f"{key}.npz")
-        assert data["scores"].dtype == np.float16 and data["scores"].shape == (20, 448, 560)
-        assert list(data["classes"]) == [c.split(";")[0] for c in env["ds"].info.classes]
+        with np.load(env["base"] / "scores" / f"{key}.npz") as data:
+            # 448 x 560 in 224/112 windows: 3 x 4 windows of 14 x 14 patches, 20 classes (VOC20: no synonyms)
+            assert str(data["form"]) == "window_grids" and data["grids"].dtype == np.float16
+            assert data["grids"].shape == (12, 20, 14, 14) and data["size"].tolist() == [448, 560]
+            assert list(data["classes"]) == [c.split(";")[0] for c in env["ds"].info.classes]
+        with np.load(env["base"] / "scores_plus" / f"{key}.npz") as data:
+            assert str(data["form"]) == "full" and data["scores"].dtype == np.float16
+            assert data["scores"].shape == (20, 448, 560)
+        scores = _pixel_scores(env["base"] / "scores" / f"{key}.npz")
+        assert scores.shape == (20, 448, 560)
         # their argmax (resized to the image) is what method=lposs predicted
-        labels = F.interpolate(
-            torch.from_numpy(data["scores"].astype(np.float32))[None], size=(32, 40), mode="bilinear",
-            align_corners=False,
-        )[0].argmax(0).numpy()  # fmt: skip
-        assert np.array_equal(labels, pngs(env["base"] / "pred_lposs")[key])
+        labels = F.interpolate(scores[None], size=(32, 40), mode="bilinear", align_corners=False)[0]
+        assert np.array_equal(labels.argmax(0).numpy(), pngs(env["base"] / "pred_lposs")[key])
+
+
+def test_save_scores_says_where_and_how_much(env, tmp_path, capsys):
+    folder = tmp_path / "scores"
+    res, _ = task(env, "maskclip_scores", "dataset=voc20", "method=maskclip", f"save_scores={folder}")
+    files = sorted(folder.glob("*.npz"))
+    assert [p.stem for p in files] == sorted(gts(env)) and res["num_images"] == N
+    total = sum(p.stat().st_size for p in files)
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("scores: ")]
+    assert len(line) == 1, line
+    assert f"scores: {N} file(s), " in line[0] and line[0].endswith(f"in {folder.resolve()}")
+    shown = line[0].split(", ")[1].split(" in all")[0]  # "12.3 kB" or "1.23 MB"
+    value, unit = shown.split()
+    assert float(value) * {"kB": 1e3, "MB": 1e6}[unit] == pytest.approx(total, rel=0.01)
+
+
+def test_refine_shows_a_progress_bar(env, exported, tmp_path, capsys):
+    e = env["base"]
+    cfg = compose_cfg(
+        tmp_path / "bar", env, "dataset=voc20", f"scores={e / 'scores'}", "refiner=none",
+        "trainer.enable_progress_bar=true",
+    )  # fmt: skip
+    run_task(cfg)
+    err = capsys.readouterr().err
+    assert "Refining voc20" in err and f"{N}/{N}" in err and "img" in err
 
 
 def test_export_then_refine_equals_lposs_plus(env, exported):
@@ -193,10 +230,8 @@ def test_saved_refined_labels_equal_refine_by_hand(env, exported):
     saved = pngs(env["base"] / "pred_refined")
     for i in range(len(ds)):
         sample = ds[i]
-        scores = np.load(env["base"] / "scores" / f"{sample['id']}.npz")["scores"]
-        want = lposs_lab.refine(
-            sample["image"], scores.astype(np.float32), r=5, max_iter=3, device="cpu"
-        ).labels
+        path = env["base"] / "scores" / f"{sample['id']}.npz"  # window grids: refine() stitches them
+        want = lposs_lab.refine(sample["image"], path, r=5, max_iter=3, device="cpu").labels
         assert np.array_equal(saved[str(sample["id"])], want.numpy())
 
 
@@ -216,7 +251,7 @@ def test_refiner_pamr_with_boundary_iou(env, exported, capsys):
     for i in range(len(ds)):
         sample = ds[i]
         key = str(sample["id"])
-        scores = torch.from_numpy(np.load(e / "scores" / f"{key}.npz")["scores"].astype(np.float32))
+        scores = _pixel_scores(e / "scores" / f"{key}.npz")
         full = F.interpolate(scores[None], size=g[key].shape, mode="bilinear", align_corners=False)[0]
         rgb = torch.from_numpy(sample["image"]).permute(2, 0, 1).float() / 255.0
         assert np.array_equal(saved[key], PAMRStep()(rgb, full).argmax(0).numpy())
@@ -263,7 +298,7 @@ def _truncated(d: Path, key: str) -> Path:  # an interrupted copy of a real .npz
 
 BAD = [
     (_missing, "not found"),
-    (_no_scores, "no 'scores' array"),
+    (_no_scores, "no 'scores' or 'grids' array"),
     (_two_d, "expected [C, h, w]"),
     (_wrong_classes, "has 21 classes, the benchmark 20"),
     (_unreadable, "cannot read score file"),

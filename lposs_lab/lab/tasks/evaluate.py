@@ -336,6 +336,25 @@ def write_results(plan: EvalPlan, wall: float, world: int) -> dict[str, Any]:
     return results
 
 
+def report_saved_scores(plan: EvalPlan) -> str | None:
+    """Print (and return) where ``save_scores`` put the score files and their total size; None without."""
+    folder = getattr(plan.source, "save_scores", None)
+    if not folder:
+        return None
+    sizes = [p.stat().st_size for p in (Path(folder) / f"{k}.npz" for k in plan.dataset.ids) if p.is_file()]
+    per_image = sum(sizes) / len(sizes) if sizes else 0.0
+    line = (
+        f"scores: {len(sizes)} file(s), {_megabytes(sum(sizes))} in all ({_megabytes(per_image)} per image), "
+        f"in {Path(folder).resolve()}"
+    )
+    print(line)
+    return line
+
+
+def _megabytes(n: float) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e4 else f"{n / 1e3:.1f} kB"
+
+
 def _random_init(plan: EvalPlan) -> list[str]:
     """Encoders of this run without trained weights (none when the labels do not come from a model)."""
     config = getattr(plan.source, "config", None)
@@ -361,6 +380,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
     else:
         print(f"all {len(plan.dataset)} images already evaluated in {plan.store.root}; summing their states")
     results = write_results(plan, time.perf_counter() - t0, world)
+    report_saved_scores(plan)
     if results["num_images"] == 0:
         first = results["errors"][0]["error"] if results["errors"] else "no image was scored"
         raise UserError(

@@ -6,7 +6,8 @@ the labels before and after in one table.
     python run.py task=refine dataset=voc20 scores=DIR pixel.r=9 save_predictions=refined/
 
 A score file holds ``[C, h, w]`` class scores at any resolution (``.npy``, or ``.npz`` with a ``scores``
-array and optionally ``classes``), e.g. written by ``task=evaluate save_scores=DIR``. "Before" labels are
+array and optionally ``classes``), or the window grids ``task=evaluate save_scores=DIR`` writes for
+MaskCLIP / LPOSS (stitched here as the predictor does, :mod:`lposs_lab.score_files`). "Before" labels are
 the scores resized bilinearly to the image and argmaxed (SPEC §5); "after" labels are those of the refiner.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +25,33 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from lposs_lab import __version__
+from lposs_lab.config import LPOSSConfig
 from lposs_lab.errors import ConfigError, UserError
 from lposs_lab.files import atomic_write
 from lposs_lab.postprocess import PAMRStep
 from lposs_lab.predictor import resolve_device
 from lposs_lab.refine import refine
+from lposs_lab.score_files import PatchGrids, ScoreFileError, read_score_file
 from lposs_lab.viz import label_image, save_png
 from lposs_lab.windows import resize_argmax
 
+from ..data.benchmarks import BenchmarkInfo
 from ..data.dataset import SegmentationDataset
-from ..metrics import BoundaryIoU, SegmentationIoU, per_image_miou
+from ..metrics import DILATION_RATIO, BoundaryIoU, SegmentationIoU, per_image_miou
 from ..tables import DATASET_COLUMNS, Table
 from .config import check_output_dir, lposs_config, plain, run_dir_of
 from .evaluate import dataset_of
 
-__all__ = ["REFINERS", "refine_task", "score_file", "load_scores"]
+__all__ = [
+    "REFINERS",
+    "RefinePlan",
+    "plan_refine",
+    "run_refine",
+    "write_refine_results",
+    "refine_task",
+    "score_file",
+    "load_scores",
+]
 
 REFINERS = ("lposs_plus", "pamr", "none")
 
@@ -53,29 +66,23 @@ def score_file(folder: Path, image_id: str) -> Path | None:
 
 
 def load_scores(path: Path, num_classes: int) -> torch.Tensor:
-    """``[C, h, w]`` float32 scores of ``path``, checked against the benchmark's class count.
+    """``[C, h, w]`` float32 scores of ``path`` (either form of :mod:`lposs_lab.score_files`: the full map,
+    or window grids stitched as the predictor does), checked against the benchmark's class count.
 
     Raises:
-        UserError: unreadable file, no ``scores`` array in an ``.npz``, not 3-D, wrong class count.
+        UserError: unreadable file, no ``scores``/``grids`` array in an ``.npz``, not 3-D, wrong class count.
     """
     try:
-        data = np.load(path, allow_pickle=False)
-        arr = data["scores"] if isinstance(data, np.lib.npyio.NpzFile) else data
-        arr = np.asarray(arr)
-    except KeyError:
-        raise UserError(f"score file {path} has no 'scores' array (keys: {', '.join(data.files)})") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise UserError(f"cannot read score file {path}: {' '.join(str(exc).split())[:120]}") from None
-    if arr.ndim != 3 or arr.dtype.kind not in "fiu":
+        scores, _ = read_score_file(path)
+    except ScoreFileError as exc:
+        raise UserError(str(exc)) from None
+    count = scores.num_classes if isinstance(scores, PatchGrids) else scores.shape[0]
+    if count != num_classes:
         raise UserError(
-            f"score file {path} holds a {arr.dtype} array of shape {arr.shape}; expected [C, h, w]"
-        )
-    if arr.shape[0] != num_classes:
-        raise UserError(
-            f"score file {path} has {arr.shape[0]} classes, the benchmark {num_classes}; "
+            f"score file {path} has {count} classes, the benchmark {num_classes}; "
             "save scores in the benchmark's class order"
         )
-    return torch.from_numpy(arr.astype(np.float32))
+    return scores.scores() if isinstance(scores, PatchGrids) else scores
 
 
 def _refiner(cfg: DictConfig) -> str:
@@ -100,8 +107,38 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def refine_task(cfg: DictConfig) -> dict[str, Any]:
-    """Run ``task=refine``; returns the results dict after writing ``results_json``."""
+@dataclass
+class RefinePlan:
+    """Everything one ``task=refine`` run needs, checked, before anything is computed or written."""
+
+    info: BenchmarkInfo
+    dataset: SegmentationDataset
+    refiner: str
+    config: LPOSSConfig
+    folder: Path
+    files: dict[str, Path]
+    boundary: bool
+    dilation_ratio: float
+    results_path: Path
+    save_dir: Path | None
+    device: torch.device
+    progress_bar: bool
+    resolved: dict[str, Any]
+
+
+@dataclass
+class RefineRun:
+    """What :func:`run_refine` measured: the before/after metrics, per-image rows, errors, seconds."""
+
+    before: dict[str, Any]
+    after: dict[str, Any]
+    per_image: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, str]] = field(default_factory=list)
+    wall: float = 0.0
+
+
+def plan_refine(cfg: DictConfig) -> RefinePlan:
+    """Check the dataset, the refiner, the pixel/window options, the score files and the outputs."""
     info, dataset = dataset_of(cfg)
     refiner = _refiner(cfg)
     config = lposs_config(cfg)  # validates the pixel.* and window.* overrides
@@ -120,71 +157,115 @@ def refine_task(cfg: DictConfig) -> dict[str, Any]:
             f"({len(missing)} of {len(dataset)} images lack one)"
         )
     mcfg = cfg.get("metrics") or {}
-    boundary, dilation = bool(mcfg.get("boundary", False)), float(mcfg.get("dilation_ratio", 0.02))
-    run_dir = run_dir_of(cfg)
-    results_path = Path(str(cfg.get("results_json") or run_dir / "results.json")).expanduser()
+    results_path = Path(str(cfg.get("results_json") or run_dir_of(cfg) / "results.json")).expanduser()
     check_output_dir(results_path.parent)
     save_dir = Path(str(cfg.save_predictions)).expanduser() if cfg.get("save_predictions") else None
     if save_dir is not None:
         check_output_dir(save_dir)
-    device = resolve_device(str(cfg.get("device", "auto")))
-    before = _metrics(info.num_classes, boundary, dilation)
-    after = _metrics(info.num_classes, boundary, dilation)
-    per_image, errors = [], []
+    return RefinePlan(
+        info=info,
+        dataset=dataset,
+        refiner=refiner,
+        config=config,
+        folder=folder,
+        files={k: p for k, p in files.items() if p is not None},
+        boundary=bool(mcfg.get("boundary", False)),
+        dilation_ratio=float(mcfg.get("dilation_ratio", DILATION_RATIO)),
+        results_path=results_path,
+        save_dir=save_dir,
+        device=resolve_device(str(cfg.get("device", "auto"))),
+        progress_bar=bool((cfg.get("trainer") or {}).get("enable_progress_bar", True)),
+        resolved=plain(cfg),
+    )
+
+
+def run_refine(plan: RefinePlan) -> RefineRun:
+    """Refine every image's saved scores; score the labels before and after (a bar counts the images)."""
+    from tqdm.auto import tqdm
+
+    info = plan.info
+    run = RefineRun(
+        _metrics(info.num_classes, plan.boundary, plan.dilation_ratio),
+        _metrics(info.num_classes, plan.boundary, plan.dilation_ratio),
+    )
     t0 = time.perf_counter()
-    for sample in _samples(dataset):
-        key = str(sample["id"])
-        if sample.get("error"):
-            errors.append({"id": key, "error": " ".join(str(sample["error"]).split())})
-            continue
-        scores = load_scores(files[key], info.num_classes).to(device)
-        target = torch.from_numpy(np.asarray(sample["label"]).astype(np.int64)).to(device)
-        h, w = target.shape
-        labels_before, _ = resize_argmax(scores, h, w)
-        t1 = time.perf_counter()
-        labels_after = _refine(refiner, sample["image"], scores, config, device)
-        seconds = time.perf_counter() - t1
-        for metrics, labels in ((before, labels_before), (after, labels_after)):
-            for metric in metrics.values():
-                metric.update(labels.to(device), target)
-        if save_dir is not None:
-            save_png(label_image(labels_after.cpu().numpy()), save_dir / f"{key}.png")
-        per_image.append(
-            {
-                "id": key,
-                "mIoU_before": 100.0 * float(per_image_miou(labels_before, target, info.num_classes)),
-                "mIoU_after": 100.0
-                * float(per_image_miou(labels_after.to(device), target, info.num_classes)),
-                "seconds": round(seconds, 6),
-            }
-        )
-    wall = time.perf_counter() - t0
-    if not per_image:
+    bar = tqdm(
+        total=len(plan.dataset), desc=f"Refining {info.name}", unit="img", disable=not plan.progress_bar
+    )
+    try:
+        for sample in _samples(plan.dataset):
+            key = str(sample["id"])
+            bar.update(1)
+            if sample.get("error"):
+                run.errors.append({"id": key, "error": " ".join(str(sample["error"]).split())})
+                continue
+            run.per_image.append(_refine_one(plan, run, sample))
+    finally:
+        bar.close()
+    run.wall = time.perf_counter() - t0
+    if not run.per_image:
         raise UserError(
-            f"no image of {info.name} could be scored ({len(errors)} error(s)); first: {errors[0]['error']}"
+            f"no image of {info.name} could be scored ({len(run.errors)} error(s)); "
+            f"first: {run.errors[0]['error']}"
         )
-    results = {
-        "dataset": info.name,
-        "task": "refine",
-        "refiner": refiner,
-        "scores": str(folder.resolve()),
-        "before": _summary(before),
-        "after": _summary(after),
-        "num_images": len(per_image),
-        "errors": errors,
-        "wall_seconds": round(wall, 3),
-        "version": __version__,
-        "config": plain(cfg),
-        "per_image": per_image,
+    return run
+
+
+def _refine_one(plan: RefinePlan, run: RefineRun, sample: dict[str, Any]) -> dict[str, Any]:
+    """Refine one sample, add its labels to the metrics, save them; its per-image row."""
+    key, device, n = str(sample["id"]), plan.device, plan.info.num_classes
+    scores = load_scores(plan.files[key], n).to(device)
+    target = torch.from_numpy(np.asarray(sample["label"]).astype(np.int64)).to(device)
+    labels_before, _ = resize_argmax(scores, *target.shape)
+    t1 = time.perf_counter()
+    labels_after = _refine(plan.refiner, sample["image"], scores, plan.config, device).to(device)
+    seconds = time.perf_counter() - t1
+    for metrics, labels in ((run.before, labels_before), (run.after, labels_after)):
+        for metric in metrics.values():
+            metric.update(labels, target)
+    if plan.save_dir is not None:
+        save_png(label_image(labels_after.cpu().numpy()), plan.save_dir / f"{key}.png")
+    return {
+        "id": key,
+        "mIoU_before": 100.0 * float(per_image_miou(labels_before, target, n)),
+        "mIoU_after": 100.0 * float(per_image_miou(labels_after, target, n)),
+        "seconds": round(seconds, 6),
     }
-    with atomic_write(results_path, "w") as fh:
+
+
+def write_refine_results(plan: RefinePlan, run: RefineRun) -> dict[str, Any]:
+    """``results.json`` (atomically) and the before/after table."""
+    results = {
+        "dataset": plan.info.name,
+        "task": "refine",
+        "refiner": plan.refiner,
+        "scores": str(plan.folder.resolve()),
+        "before": _summary(run.before),
+        "after": _summary(run.after),
+        "num_images": len(run.per_image),
+        "errors": run.errors,
+        "wall_seconds": round(run.wall, 3),
+        "version": __version__,
+        "config": plan.resolved,
+        "per_image": run.per_image,
+    }
+    with atomic_write(plan.results_path, "w") as fh:
         json.dump(results, fh, indent=1)
     print()
     print(refine_table(results).to_text())
-    print(f"\n{info.name}: {len(per_image)} image(s) refined in {wall:.1f}s; results: {results_path}")
-    for e in errors:
+    print(
+        f"\n{plan.info.name}: {len(run.per_image)} image(s) refined in {run.wall:.1f}s; "
+        f"results: {plan.results_path}"
+    )
+    for e in run.errors:
         print(f"  could not evaluate {e['id']}: {e['error']}")
     return results
+
+
+def refine_task(cfg: DictConfig) -> dict[str, Any]:
+    """Run ``task=refine``: :func:`plan_refine` -> :func:`run_refine` -> :func:`write_refine_results`."""
+    plan = plan_refine(cfg)
+    return write_refine_results(plan, run_refine(plan))
 
 
 def _samples(dataset: SegmentationDataset):
