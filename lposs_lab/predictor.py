@@ -201,8 +201,10 @@ class LPOSS:
         """
         from .models import create_vlm, create_vm
         from .models.registry import vfm_options
-        from .models.weights import missing_weights_error
+        from .models.weights import STYLES, missing_weights_error
 
+        if error_style not in STYLES:
+            raise ValueError(f"unknown error_style {error_style!r}; valid: python, hydra")
         if config is None:
             config = LPOSSConfig()
         elif not isinstance(config, LPOSSConfig):
