@@ -9,6 +9,7 @@ The core is plain Python and torch (no Hydra, no Lightning)::
 
 from .config import LPConfig, LPOSSConfig, PixelConfig, WindowConfig
 from .image_io import ImageError, load_image, to_rgb_uint8
+from .models.registry import register_vlm, register_vm  # noqa: F401 (encoders added from outside the package)
 from .pixels import lab_features, pixel_graph, pixel_stage, refine_pixels, rgb_to_lab
 from .postprocess import UNKNOWN, Abstain, abstain, pamr
 from .predictor import LPOSS, ImageFeatures, Prediction

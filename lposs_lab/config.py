@@ -14,6 +14,9 @@ from .errors import ConfigError
 
 __all__ = ["LPConfig", "PixelConfig", "WindowConfig", "LPOSSConfig", "ENCODER_DTYPES"]
 
+#: ``PixelConfig.feature`` choices; :func:`lposs_lab.pixels.register_pixel_feature` adds to them.
+PIXEL_FEATURE_NAMES: list[str] = ["lab", "depth", "lab+depth"]
+
 #: ``LPOSSConfig.encoder_dtype`` choices.
 ENCODER_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -131,7 +134,7 @@ class PixelConfig:
         )
         _check(n, "max_bytes", self.max_bytes, _integer(self.max_bytes) and self.max_bytes >= 1, "bytes >= 1")
         _choice(n, "spatial", self.spatial, ("binary", "rbf"))
-        _choice(n, "feature", self.feature, ("lab", "depth", "lab+depth"))
+        _choice(n, "feature", self.feature, tuple(PIXEL_FEATURE_NAMES))
         _choice(n, "backend", self.backend, ("auto", "torch", "numba", "triton"))
 
     #: the fields that are :func:`lposs_lab.refine_pixels` arguments (the rest choose features or the stage)
@@ -196,6 +199,10 @@ class LPOSSConfig:
         vm_pretrained: ``None`` for the registry's weights (fetched/cached by huggingface_hub), a local
             checkpoint path or ``hf-hub:org/repo``, or ``False`` for random init.
         vlm_pretrained: same for the VLM.
+        vfm: ProxyCLIP only: the proxy model, a VM name (``dino_b16``, ``dino_b8``, ``dinov2_b14``);
+            ``None``: the VLM entry's own (``dino_b16`` for ``proxyclip_b16``).
+        vfm_pretrained: ProxyCLIP only: the proxy model's weights as ``vm_pretrained``; ``None``: the VM's
+            (``vm_pretrained``) when the proxy model is the VM, else the registry's.
         lp: patch-stage hyperparameters.
         pixel: pixel-stage hyperparameters.
         window: window setup.
@@ -207,6 +214,8 @@ class LPOSSConfig:
     vlm: str = "maskclip_b16"
     vm_pretrained: str | bool | None = None
     vlm_pretrained: str | bool | None = None
+    vfm: str | None = None
+    vfm_pretrained: str | bool | None = None
     lp: LPConfig = field(default_factory=LPConfig)
     pixel: PixelConfig = field(default_factory=PixelConfig)
     window: WindowConfig = field(default_factory=WindowConfig)

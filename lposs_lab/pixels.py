@@ -9,17 +9,22 @@ a product with ``S_hat`` needs no general sparse matrix and no per-class work.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .config import PixelConfig
+from .config import PIXEL_FEATURE_NAMES, PixelConfig
 from .kernels import resolve_backend, stencil_operator
 from .kernels.geometry import pair_slices
 from .propagation import conjugate_gradient
 
 __all__ = [
     "PIXEL_FEATURES",
+    "PixelFeature",
+    "register_pixel_feature",
+    "needs_depth",
     "rgb_to_lab",
     "stencil_offsets",
     "pixel_graph",
@@ -30,9 +35,6 @@ __all__ = [
 ]
 
 _PX = PixelConfig()  # the keyword defaults of the functions below (the dataclass is their one source)
-
-#: Pixel-stage feature choices (``PixelConfig.feature``).
-PIXEL_FEATURES = ("lab", "depth", "lab+depth")
 
 # sRGB (D65) -> CIE XYZ, and the D65 reference white (the constants of scikit-image's rgb2lab).
 _XYZ_FROM_RGB = (
@@ -74,6 +76,49 @@ def lab_features(image: Tensor) -> Tensor:
     """The pixel feature of SPEC §4: Lab divided by ``(100, 128, 128)``. ``[3, H, W] -> [3, H, W]``."""
     lab = rgb_to_lab(image)
     return torch.stack([lab[i] / LAB_SCALE[i] for i in range(3)])
+
+
+@dataclass(frozen=True)
+class PixelFeature:
+    """A pixel-stage feature: ``build(image [3, h, w], depth [h, w] or None, depth_weight) -> [F, h, w]``;
+    ``needs_depth``: whether a depth model must be built for it (``LPOSS.from_config``)."""
+
+    build: Callable[[Tensor, Tensor | None, float], Tensor]
+    needs_depth: bool = False
+    description: str = ""
+
+
+def _depth_channel(image: Tensor, depth: Tensor | None, weight: float) -> Tensor:
+    return depth.to(image.device, torch.float32)[None] * float(weight)  # type: ignore[union-attr]
+
+
+#: Pixel-stage features by ``PixelConfig.feature`` name (add one with :func:`register_pixel_feature`).
+PIXEL_FEATURES: dict[str, PixelFeature] = {
+    "lab": PixelFeature(lambda image, depth, w: lab_features(image), description="Lab / (100, 128, 128)"),
+    "depth": PixelFeature(_depth_channel, needs_depth=True, description="depth in [0, 1] x depth_weight"),
+    "lab+depth": PixelFeature(
+        lambda image, depth, w: torch.cat([lab_features(image), _depth_channel(image, depth, w)]),
+        needs_depth=True,
+        description="both (F = 4)",
+    ),
+}
+
+
+def register_pixel_feature(name: str, feature: PixelFeature) -> PixelFeature:
+    """Add a pixel feature: ``pixel.feature=NAME`` (``PixelConfig(feature=NAME)``) then selects it."""
+    if name in PIXEL_FEATURES and PIXEL_FEATURES[name] != feature:
+        raise ValueError(f"pixel feature {name!r} is already registered; pick another name")
+    PIXEL_FEATURES[name] = feature
+    if name not in PIXEL_FEATURE_NAMES:
+        PIXEL_FEATURE_NAMES.append(name)
+    return feature
+
+
+def needs_depth(feature: str) -> bool:
+    """Whether pixel feature ``feature`` reads a depth map (only then is a depth model built)."""
+    if feature not in PIXEL_FEATURES:
+        raise ValueError(f"unknown pixel feature {feature!r}; valid choices: {', '.join(PIXEL_FEATURES)}")
+    return PIXEL_FEATURES[feature].needs_depth
 
 
 def stencil_offsets(r: int) -> list[tuple[int, int]]:
@@ -215,26 +260,26 @@ def refine_pixels(
 
 
 def pixel_features(image: Tensor, depth: Tensor | None, feature: str, *, depth_weight: float = 1.0) -> Tensor:
-    """Pixel-stage features ``[F, h, w]``: Lab (F=3), depth (F=1) or both (F=4).
+    """Pixel-stage features ``[F, h, w]`` of :data:`PIXEL_FEATURES` ``feature``: Lab (F=3), depth (F=1), both
+    (F=4) or a registered one.
 
     Args:
         image: ``[3, h, w]`` RGB in ``[0, 1]``.
-        depth: ``[h, w]`` depth in ``[0, 1]`` (unused for ``"lab"``).
-        feature: ``"lab"``, ``"depth"`` or ``"lab+depth"``.
+        depth: ``[h, w]`` depth in ``[0, 1]`` (read only by features that need depth).
+        feature: ``"lab"``, ``"depth"``, ``"lab+depth"`` or a registered name.
         depth_weight: scale of the depth channel (Lab channels are Lab / (100, 128, 128)).
     """
-    if feature not in PIXEL_FEATURES:
-        raise ValueError(f"unknown pixel feature {feature!r}; valid choices: {', '.join(PIXEL_FEATURES)}")
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"image must be [3, h, w], got {tuple(image.shape)}")
-    if feature == "lab":
-        return lab_features(image)
-    if depth is None or depth.shape != image.shape[1:]:
+    if needs_depth(feature) and (depth is None or depth.shape != image.shape[1:]):
         got = None if depth is None else tuple(depth.shape)
         want = tuple(image.shape[1:])
         raise ValueError(f"depth must be [h, w] = {want} for feature {feature!r}, got {got}")
-    d = depth.to(image.device, torch.float32)[None] * float(depth_weight)
-    return d if feature == "depth" else torch.cat([lab_features(image), d])
+    out = PIXEL_FEATURES[feature].build(image, depth, float(depth_weight))
+    if out.ndim != 3 or out.shape[1:] != image.shape[1:]:
+        raise ValueError(f"pixel feature {feature!r} gave {tuple(out.shape)}, expected [F, {image.shape[1]}, "
+                         f"{image.shape[2]}]")  # fmt: skip
+    return out
 
 
 def pixel_stage(

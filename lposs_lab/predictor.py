@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .config import LPOSSConfig, WindowConfig
 from .errors import ConfigError, DeviceUnavailableError, WeightsUnavailableError
-from .pixels import PIXEL_FEATURES, pixel_features, pixel_stage
+from .pixels import PIXEL_FEATURES, needs_depth, pixel_features, pixel_stage
 from .postprocess import Abstain
 from .predictor_parts import (
     StageTimer,
@@ -186,17 +186,25 @@ class LPOSS:
         *,
         method: str | None = None,
         text_cache_dir: str | os.PathLike | None = "auto",
+        error_style: str = "python",
         **overrides: Any,
     ) -> LPOSS:
         """Build the encoders named by ``config`` (weights fetched/cached by huggingface_hub), the predictor.
 
-        ``overrides`` replace top-level config fields, e.g. ``LPOSS.from_config(vm="dino_b8")``.
+        ``overrides`` replace top-level config fields, e.g. ``LPOSS.from_config(vm="dino_b8")`` or, for
+        ProxyCLIP, ``vfm="dino_b8", vfm_pretrained=PATH``.
         ``text_cache_dir="auto"`` keeps the text embeddings of each vocabulary on disk in
         :func:`lposs_lab.text.default_text_cache_dir` (not for random-init VLMs, which are cheap to encode);
-        a folder uses that one, ``None`` keeps them in memory only.
+        a folder uses that one, ``None`` keeps them in memory only. ``error_style``: how a missing-weights
+        error names the local-file settings, ``"python"`` (``vm_pretrained=PATH``) or ``"hydra"``
+        (``vm.pretrained=PATH``, the command line's overrides).
         """
         from .models import create_vlm, create_vm
+        from .models.registry import vfm_options
+        from .models.weights import STYLES, missing_weights_error
 
+        if error_style not in STYLES:
+            raise ValueError(f"unknown error_style {error_style!r}; valid: python, hydra")
         if config is None:
             config = LPOSSConfig()
         elif not isinstance(config, LPOSSConfig):
@@ -204,10 +212,15 @@ class LPOSS:
         if overrides:
             config = LPOSSConfig.from_dict({**_shallow(config), **overrides})
         device = resolve_device(config.device)
+        proxy = vfm_options(
+            config.vlm, vfm=config.vfm, vfm_pretrained=config.vfm_pretrained, vm=config.vm,
+            vm_pretrained=config.vm_pretrained,
+        )  # fmt: skip
         missing: list[WeightsUnavailableError] = []
         vlm = vm = None
         try:
-            vlm = create_vlm(config.vlm, pretrained=_pretrained(config.vlm_pretrained), device=device)
+            pretrained = _pretrained(config.vlm_pretrained)
+            vlm = create_vlm(config.vlm, pretrained=pretrained, device=device, **proxy)
         except WeightsUnavailableError as exc:
             missing.append(exc)
         if config.vm in VLM_AS_VM:  # CLIP's own features for the graph: no separate VM
@@ -217,10 +230,10 @@ class LPOSS:
                 vm = create_vm(config.vm, pretrained=_pretrained(config.vm_pretrained), device=device)
             except WeightsUnavailableError as exc:
                 missing.append(exc)
-        if missing:  # name every missing checkpoint at once
-            raise WeightsUnavailableError.combine(missing)
+        if missing:  # name every missing checkpoint at once, in the caller's terms
+            raise missing_weights_error(missing, error_style)
         depth = None
-        if config.pixel.feature != "lab" and config.pixel.enabled and method in (None, "lposs_plus"):
+        if needs_depth(config.pixel.feature) and config.pixel.enabled and method in (None, "lposs_plus"):
             from .models.depth import create_depth
 
             depth = create_depth(config.pixel.depth_model, device=device)
@@ -271,7 +284,7 @@ class LPOSS:
         if px.feature == "lab":
             return None
         depth = feats.depth
-        if depth is None:
+        if depth is None and needs_depth(px.feature):
             if self.depth_model is None:
                 raise ValueError(
                     f"pixel.feature={px.feature} needs a depth model; "

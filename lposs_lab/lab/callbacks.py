@@ -19,7 +19,7 @@ from lposs_lab.files import atomic_write
 from .metrics import DILATION_RATIO
 from .records import StateStore, class_display_names, summarize
 
-__all__ = ["ImageProgressBar", "ShareCPUThreads", "EvaluationReport"]
+__all__ = ["ImageProgressBar", "ShareCPUThreads", "EvaluationReport", "write_logger_tables"]
 
 
 class ImageProgressBar(TQDMProgressBar):
@@ -86,7 +86,9 @@ class EvaluationReport(pl.Callback):
 
     @staticmethod
     def _wandb(trainer: pl.Trainer) -> list[Any]:
-        return [lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
+        from pytorch_lightning.loggers import WandbLogger
+
+        return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if not trainer.is_global_zero or self.logged >= self.log_images or not outputs:
@@ -126,34 +128,52 @@ class EvaluationReport(pl.Callback):
             boundary=self.boundary,
             dilation_ratio=self.dilation_ratio,
         )
-        dataset = self.dataset
-        per_class = [[name, value] for name, value in summary["per_class_iou"].items()]
-        per_image = [[r["id"], r["mIoU"], r["seconds"]] for r in summary["per_image"]]
-        for lg in trainer.loggers:
-            kind = type(lg).__name__
-            if kind == "CSVLogger":
-                folder = Path(lg.log_dir)
-                _write_csv(folder / "per_class.csv", ["class", "IoU"], per_class)
-                _write_csv(folder / "per_image.csv", ["id", "mIoU", "seconds"], per_image)
-            elif kind == "WandbLogger":
-                import wandb
+        write_logger_tables(trainer.loggers, summary, self.dataset)
 
-                run = lg.experiment
-                run.log(
-                    {
-                        "per_class_iou": wandb.Table(columns=["class", "IoU"], data=per_class),
-                        "per_image": wandb.Table(columns=["id", "mIoU", "seconds"], data=per_image),
-                    }
-                )
-                keys = {
-                    "mIoU": summary["mIoU"],
-                    "pixel_accuracy": summary["pixel_accuracy"],
-                    "boundary_iou": summary.get("boundary_iou"),
-                    "num_images": summary["num_images"],
-                }
-                for key, value in keys.items():
-                    if value is not None:
-                        run.summary[f"{dataset}/{key}"] = value
+
+def write_logger_tables(loggers: Any, summary: dict[str, Any], dataset: str) -> None:
+    """Each logger that is an instance of a :func:`_table_writers` class gets that writer's tables of
+    ``summary`` (:func:`lposs_lab.lab.records.summarize`); other loggers get none."""
+    writers = _table_writers()
+    for lg in loggers:
+        for logger_class, write in writers:
+            if isinstance(lg, logger_class):
+                write(lg, summary, dataset)
+
+
+def _csv_tables(logger: Any, summary: dict[str, Any], dataset: str) -> None:
+    """``per_class.csv`` and ``per_image.csv`` in the CSV logger's folder."""
+    folder = Path(logger.log_dir)
+    per_class = [[name, value] for name, value in summary["per_class_iou"].items()]
+    per_image = [[r["id"], r["mIoU"], r["seconds"]] for r in summary["per_image"]]
+    _write_csv(folder / "per_class.csv", ["class", "IoU"], per_class)
+    _write_csv(folder / "per_image.csv", ["id", "mIoU", "seconds"], per_image)
+
+
+def _wandb_tables(logger: Any, summary: dict[str, Any], dataset: str) -> None:
+    """``per_class_iou`` / ``per_image`` tables and ``<dataset>/<metric>`` summary keys of the W&B run."""
+    import wandb
+
+    run = logger.experiment
+    per_class = [[name, value] for name, value in summary["per_class_iou"].items()]
+    per_image = [[r["id"], r["mIoU"], r["seconds"]] for r in summary["per_image"]]
+    run.log(
+        {
+            "per_class_iou": wandb.Table(columns=["class", "IoU"], data=per_class),
+            "per_image": wandb.Table(columns=["id", "mIoU", "seconds"], data=per_image),
+        }
+    )
+    for key in ("mIoU", "pixel_accuracy", "boundary_iou", "num_images"):
+        if summary.get(key) is not None:
+            run.summary[f"{dataset}/{key}"] = summary[key]
+
+
+def _table_writers() -> tuple[tuple[type, Any], ...]:
+    """``(logger class, writer(logger, summary, dataset))`` pairs: each logger of a run that is an instance
+    of a class gets that writer's tables. A new logger's tables: one writer and one row here."""
+    from pytorch_lightning.loggers import CSVLogger, WandbLogger  # importable without wandb installed
+
+    return ((CSVLogger, _csv_tables), (WandbLogger, _wandb_tables))
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:

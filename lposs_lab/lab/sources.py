@@ -69,7 +69,9 @@ class PredictorSource:
         from lposs_lab.predictor import LPOSS
 
         config = replace(self.config, device=str(device))
-        self.predictor = LPOSS.from_config(config, method=self.method, text_cache_dir=self.text_cache_dir)
+        self.predictor = LPOSS.from_config(
+            config, method=self.method, text_cache_dir=self.text_cache_dir, error_style="hydra"
+        )
         self.predictor.set_classes(self.classes)
         if self.cache is not None:
             self.cache.attach(self.predictor)

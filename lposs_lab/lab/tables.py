@@ -17,6 +17,7 @@ from typing import Any
 __all__ = [
     "DATASET_COLUMNS",
     "PAPER",
+    "PAPER_DATASETS",
     "Table",
     "config_value",
     "cell",
@@ -29,7 +30,7 @@ __all__ = [
     "varying_keys",
 ]
 
-#: Column order and headers of the paper's Tables 1 and 2.
+#: Column order and headers of the paper's Tables 1 and 2; a benchmark added here gets a column after them.
 DATASET_COLUMNS: dict[str, str] = {
     "voc": "VOC",
     "coco_object": "Object",
@@ -41,18 +42,22 @@ DATASET_COLUMNS: dict[str, str] = {
     "cityscapes": "City",
 }
 
-#: The paper's numbers (SPEC section 6): ``PAPER[metric][method][dataset]`` in percent.
+#: The 8 benchmarks of the paper's tables, in its order: ``Avg`` and the paper's averages are over these.
+PAPER_DATASETS = ("voc", "coco_object", "context", "context59", "coco_stuff", "voc20", "ade20k", "cityscapes")
+
+
+def _paper_row(*values: float) -> dict[str, float]:
+    return dict(zip(PAPER_DATASETS, values, strict=True))
+
+
+#: The paper's numbers (docs/method.md §6): ``PAPER[metric][method][dataset]`` in percent.
 PAPER: dict[str, dict[str, dict[str, float]]] = {
     "mIoU": {
-        "lposs": dict(zip(DATASET_COLUMNS, (61.1, 33.4, 34.6, 37.8, 25.9, 78.8, 21.8, 37.3), strict=True)),
-        "lposs_plus": dict(
-            zip(DATASET_COLUMNS, (62.4, 34.3, 35.4, 38.6, 26.5, 79.3, 22.3, 37.9), strict=True)
-        ),
+        "lposs": _paper_row(61.1, 33.4, 34.6, 37.8, 25.9, 78.8, 21.8, 37.3),
+        "lposs_plus": _paper_row(62.4, 34.3, 35.4, 38.6, 26.5, 79.3, 22.3, 37.9),
     },
     "boundary_iou": {
-        "lposs_plus": dict(
-            zip(DATASET_COLUMNS, (51.2, 20.4, 21.6, 27.1, 19.2, 71.7, 16.0, 29.5), strict=True)
-        ),
+        "lposs_plus": _paper_row(51.2, 20.4, 21.6, 27.1, 19.2, 71.7, 16.0, 29.5),
     },
 }
 
@@ -65,23 +70,17 @@ _METHOD_LABELS = {
 }
 
 
-_PREDICTOR_LABELS = {
-    "sclip": "SCLIP",
-    "clearclip": "ClearCLIP",
-    "naclip": "NACLIP",
-    "proxyclip": "ProxyCLIP",
-    "scclip": "SC-CLIP",
-}
-
-
 def method_label(method: str) -> str:
     """Display name of a method (``lposs_plus`` -> ``LPOSS+``)."""
     return _METHOD_LABELS.get(method, method)
 
 
 def predictor_label(vlm: str | None) -> str | None:
-    """Display name of an initial predictor other than MaskCLIP (``sclip_b16`` -> ``SCLIP``), else None."""
-    return _PREDICTOR_LABELS.get(str(vlm or "").split("_")[0])
+    """Display name of an initial predictor other than MaskCLIP (``sclip_b16`` -> ``SCLIP``), else None:
+    the registry entry's ``label`` (an unregistered name is its own label)."""
+    from lposs_lab.models.registry import vlm_label  # the tables only: no torch, no model module
+
+    return vlm_label(vlm)
 
 
 def config_value(config: Mapping[str, Any], dotted: str) -> Any:
@@ -231,13 +230,14 @@ def results_table(
     rows: list[tuple[str, tuple[str, ...]]] = []
     for label, vals in values.items():
         method, paper_avg, published = meta[label]
-        got = [vals.get(d) for d in DATASET_COLUMNS]
+        got = [vals.get(d) for d in PAPER_DATASETS]
         avg = sum(got) / len(got) if all(v is not None for v in got) else None
         ref = PAPER.get(metric, {}).get(method) if paper else None
         default_row = label == method_label(method)
         if paper and metric == "mIoU" and isinstance(published, Mapping) and published:
             pub = {d: float(v) for d, v in published.items() if v is not None}
-            pub_avg = sum(pub.values()) / len(pub) if set(DATASET_COLUMNS) <= set(pub) else None
+            full = set(PAPER_DATASETS) <= set(pub)
+            pub_avg = sum(pub[d] for d in PAPER_DATASETS) / len(PAPER_DATASETS) if full else None
             shown = paper_avg if paper_avg is not None else pub_avg
             rows.append((label, tuple(cell(vals.get(d)) for d in cols) + (cell(avg), cell(shown))))
             rows.append(("  published", tuple(cell(pub.get(d)) for d in cols) + (cell(pub_avg), "")))

@@ -134,7 +134,7 @@ def create_depth(
     if name not in DEPTH_MODELS:
         raise ValueError(f"unknown depth model {name!r}; valid names: {', '.join(DEPTH_MODELS)}")
     transformers = _import_transformers()
-    from .registry import WeightsUnavailableError
+    from ..errors import WeightsUnavailableError
     from .tiny import TINY_SEED, seeded
 
     repo = DEPTH_MODELS[name]

@@ -1,376 +1,31 @@
-"""Named encoders and their weights: ``create_vm`` (DINO family) and ``create_vlm`` (MaskCLIP & co).
+"""Named encoders: the VM and VLM tables, ``register_vm`` / ``register_vlm``, ``create_vm`` / ``create_vlm``.
 
-``pretrained`` everywhere means:
-
-* ``True``: the registry's weights, fetched and cached by ``huggingface_hub`` under the real repo ids
-  (timm: ``timm/<name>`` / ``model.safetensors``; open_clip ``laion2b_s34b_b88k``: the repo its
-  pretrained table names, ``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin``).
-  ``HF_HOME`` / ``HF_HUB_CACHE`` / ``HF_HUB_OFFLINE`` are read at call time.
-* a ``str`` / path: a local checkpoint (``.safetensors``, ``.bin``, ``.pth``, ``.pt``), or
-  ``hf-hub:org/repo[/file][@revision]``.
-* ``False`` / ``None``: random init from a fixed seed (meaningless features).
-
-Architectures are built with ``pretrained=False`` and the state dict is loaded here, strictly.
+A name is one of the tables' keys, or the import path of a builder outside the package
+(``my_pkg.encoders.my_vlm`` or ``my_pkg.encoders:my_vlm``): the module is imported (its ``@register_vlm``
+decorators run) and the builder is used. ``pretrained`` is described in :mod:`lposs_lab.models.weights`;
+the entry types in :mod:`lposs_lab.models.entries`. Reading the tables imports neither torch nor timm.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
-from torch import nn
+from ..errors import ConfigError
+from .entries import DenseClipVLM, FunctionEntry, OpenClipVLM, TimmVM
+from .tiny import TINY_CLIP_ARCH, TINY_QUICKGELU_CLIP_ARCH, TINY_SCCLIP_ARCH, TINY_VIT_ARCH
+from .weights import Pretrained
 
-from ..errors import ConfigError, WeightsMismatchError, WeightsUnavailableError
-from .dino import ViTValueEncoder
-from .hub import hf_offline as _hf_offline
-from .hub import hub_reachable
-from .maskclip import MaskCLIP
-from .tiny import (
-    TINY_CLIP_ARCH,
-    TINY_QUICKGELU_CLIP_ARCH,
-    TINY_SCCLIP_ARCH,
-    TINY_SEED,
-    TINY_VIT_ARCH,
-    merge_arch,
-    seeded,
-)
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
-__all__ = ["WeightsUnavailableError", "WeightsMismatchError", "create_vm", "create_vlm", "VM_MODELS"]
-__all__ += ["VLM_MODELS", "parse_hf_hub", "load_checkpoint_file"]
+__all__ = ["VM_MODELS", "VLM_MODELS", "register_vm", "register_vlm", "create_vm", "create_vlm"]
+__all__ += ["has_trained_weights", "vfm_options", "vlm_label", "lookup"]
+__all__ += ["TimmVM", "OpenClipVLM", "DenseClipVLM"]
 
-Pretrained = bool | str | os.PathLike | None
-CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
-
-
-
-def _one_line(text: object, limit: int = 200) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def parse_hf_hub(spec: str) -> tuple[str, str | None, str | None]:
-    """Split ``hf-hub:org/repo[/file][@revision]`` into ``(repo_id, filename or None, revision or None)``."""
-    if not spec.startswith("hf-hub:"):
-        raise ValueError(f"not an hf-hub spec: {spec!r}; expected 'hf-hub:org/repo[/file][@revision]'")
-    body = spec[len("hf-hub:") :].strip().strip("/")
-    revision = None
-    if "@" in body:
-        body, revision = body.rsplit("@", 1)
-        revision = revision or None
-    parts = [p for p in body.split("/") if p]
-    if len(parts) < 2:
-        raise ValueError(f"bad hf-hub spec {spec!r}; expected 'hf-hub:org/repo[/file][@revision]'")
-    filename = "/".join(parts[2:]) or None
-    return f"{parts[0]}/{parts[1]}", filename, revision
-
-
-def _hf_cache_dir() -> str | None:
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(var):
-            return os.path.expanduser(os.environ[var])
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
-    return None  # huggingface_hub's default
-
-
-def _fetch_hub(
-    repo_id: str, filenames: tuple[str, ...], revision: str | None, who: str, kind: str
-) -> tuple[Path, str]:
-    """Return ``(local path, weights id)`` of the first of ``filenames`` that huggingface_hub can provide.
-
-    The local cache is tried first for every candidate (no network); then, unless offline, downloads in
-    order, moving to the next candidate only when the hub says the file does not exist.
-    """
-    from huggingface_hub import hf_hub_download
-
-    try:
-        from huggingface_hub.errors import RemoteEntryNotFoundError as _Missing
-    except ImportError:  # older huggingface_hub
-        from huggingface_hub.utils import EntryNotFoundError as _Missing
-
-    offline = _hf_offline()
-    cache_dir = _hf_cache_dir()
-    last_error: Exception | None = None
-    passes = (True,) if offline else (True, False)
-    for local_only in passes:
-        if not local_only and not hub_reachable():
-            break
-        for filename in filenames:
-            try:
-                path = Path(
-                    hf_hub_download(
-                        repo_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=local_only
-                    )
-                )
-            except _Missing as exc:
-                last_error = exc
-                continue
-            except OSError as exc:  # not cached, offline, no network, unknown repo: give up on this pass
-                last_error = exc
-                if local_only:
-                    continue
-                break
-            commit = path.parent.name if path.parent.parent.name == "snapshots" else (revision or "main")
-            return path, f"hf:{repo_id}/{filename}@{commit}"
-    where = cache_dir or "the Hugging Face cache"
-    if offline:
-        reason = "HF_HUB_OFFLINE is set"
-    elif not hub_reachable():
-        reason = "the hub is unreachable"
-    else:
-        reason = _one_line(f"{type(last_error).__name__}: {last_error}", 100)
-    raise WeightsUnavailableError(
-        f"weights for {kind} '{who}' unavailable: {repo_id} ({' or '.join(filenames)}) is not in {where} and "
-        "cannot be downloaded "
-        f"({reason}); cache it once with network access (HF_HOME), or pass a local file with "
-        f"{kind}.pretrained=PATH ({kind}_pretrained= in LPOSSConfig)",
-        kind=kind, name=who, repo_id=repo_id, reason=reason, where=str(where),
-    )
-
-
-def load_checkpoint_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a torch pickle (``weights_only``), on CPU.
-
-    Unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` and strips a ``module.`` prefix.
-    """
-    p = Path(path)
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd: Any = load_file(str(p), device="cpu")
-    else:
-        sd = torch.load(str(p), map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise WeightsMismatchError(f"checkpoint {p} does not hold a state dict of tensors")
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    return dict(sd)
-
-
-def _mismatch(model: nn.Module, sd: dict[str, torch.Tensor]) -> str:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = [
-        f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in sd and v.shape != sd[k].shape
-    ]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-    if shapes:
-        parts.append(f"{len(shapes)} shape mismatches (checkpoint vs model, e.g. {'; '.join(shapes[:2])})")
-    return ", ".join(parts)
-
-
-def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], source: str, who: str) -> None:
-    problem = _mismatch(model, sd)
-    if problem:
-        raise WeightsMismatchError(
-            f"checkpoint {source} does not fit '{who}': {problem}; check the model name and arch overrides"
-        )
-    model.load_state_dict(sd, strict=True)
-
-
-def _resolve(
-    who: str, kind: str, pretrained: Pretrained, repo_id: str | None, filenames: tuple[str, ...]
-) -> tuple[Path | None, str]:
-    """Map ``pretrained`` to ``(checkpoint path or None for random init, weights id)``."""
-    if pretrained is None or pretrained is False:
-        return None, f"random:{TINY_SEED}"
-    if pretrained is True:
-        if repo_id is None:
-            return None, f"random:{TINY_SEED}"
-        return _fetch_hub(repo_id, filenames, None, who, kind)
-    if not isinstance(pretrained, str | os.PathLike):
-        raise ConfigError(
-            f"pretrained must be True, False, None, a path or 'hf-hub:org/repo', got {pretrained!r}"
-        )
-    spec = os.fspath(pretrained)
-    if spec.startswith("hf-hub:"):
-        hub_repo, hub_file, revision = parse_hf_hub(spec)
-        return _fetch_hub(hub_repo, (hub_file,) if hub_file else filenames, revision, who, kind)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        found = [path / f for f in filenames if (path / f).is_file()]
-        if not found:
-            raise WeightsUnavailableError(
-                f"no checkpoint ({' or '.join(filenames)}) in directory {path} for {kind} '{who}'"
-            )
-        path = found[0]
-    if not path.is_file():
-        raise WeightsUnavailableError(f"checkpoint file not found for {kind} '{who}': {path}")
-    if path.suffix not in CHECKPOINT_SUFFIXES:
-        raise ConfigError(
-            f"unsupported checkpoint type {path.name!r}; valid suffixes: {', '.join(CHECKPOINT_SUFFIXES)}"
-        )
-    stat = path.resolve().stat()
-    return path, f"file:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-
-
-def _with_overrides(weights_id: str, overrides: dict[str, Any]) -> str:
-    return (
-        weights_id
-        if not overrides
-        else f"{weights_id}#arch={json.dumps(overrides, sort_keys=True, default=str)}"
-    )
-
-
-@dataclass(frozen=True)
-class TimmVM:
-    """A DINO-family VM: timm architecture name, hub weights, base arch overrides (configuration as code)."""
-
-    name: str
-    timm_name: str
-    hf_repo: str | None
-    hf_files: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
-    base_arch: dict[str, Any] = field(default_factory=dict)
-    description: str = ""
-
-    def __call__(self, pretrained: Pretrained = True, **arch_overrides: Any) -> ViTValueEncoder:
-        import timm
-
-        arch = merge_arch(self.base_arch, arch_overrides)
-        path, weights_id = _resolve(self.name, "vm", pretrained, self.hf_repo, self.hf_files)
-        with seeded(TINY_SEED):
-            model = timm.create_model(self.timm_name, pretrained=False, **arch)
-        if path is not None:
-            sd = load_checkpoint_file(path)
-            own = model.state_dict()
-            same_shapes = all(own[k].shape == v.shape for k, v in sd.items() if k in own)
-            if _mismatch(model, sd) and same_shapes:  # other key names (original DINOv2...): timm converts
-                from timm.models.vision_transformer import checkpoint_filter_fn
-
-                sd = checkpoint_filter_fn(sd, model)
-            _load_strict(model, sd, str(path), self.name)
-        return ViTValueEncoder(model, f"{self.name}:{_with_overrides(weights_id, arch_overrides)}")
-
-
-@dataclass(frozen=True)
-class OpenClipVLM:
-    """A MaskCLIP VLM: open_clip model config name, pretrained tag (its hub repo), base arch overrides."""
-
-    name: str
-    model_name: str
-    pretrained_tag: str | None
-    base_arch: dict[str, Any] = field(default_factory=dict)
-    description: str = ""
-
-    def hub_location(self) -> tuple[str | None, tuple[str, ...]]:
-        """``(repo_id, candidate files)`` from the installed open_clip's pretrained table."""
-        default_files = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-        if self.pretrained_tag is None:
-            return None, default_files
-        import open_clip
-
-        cfg = open_clip.get_pretrained_cfg(self.model_name, self.pretrained_tag) or {}
-        hub = cfg.get("hf_hub", "")
-        if not hub:
-            raise WeightsUnavailableError(
-                f"open_clip has no hf_hub entry for {self.model_name}/{self.pretrained_tag}; "
-                "pass vlm_pretrained=PATH"
-            )
-        repo_id, filename = (hub.rstrip("/"), "") if hub.endswith("/") else os.path.split(hub)
-        if not filename or filename == "open_clip_pytorch_model.bin":
-            return repo_id, default_files
-        safe = (filename.rsplit(".", 1)[0] + ".safetensors",) if filename.endswith((".bin", ".pth")) else ()
-        return repo_id, (*safe, filename)
-
-    def build(self, pretrained: Pretrained = True, **arch_overrides: Any) -> tuple[nn.Module, str]:
-        """The open_clip ``CLIP`` (weights loaded strictly) and its weights id ``name:source[#arch=...]``."""
-        import open_clip
-        from open_clip.model import CLIP
-
-        base = open_clip.get_model_config(self.model_name)
-        if base is None:
-            raise ValueError(f"open_clip has no model config {self.model_name!r}")
-        cfg = merge_arch(merge_arch(base, self.base_arch), arch_overrides)
-        unsupported = sorted(set(cfg) - {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu"})
-        if unsupported:
-            raise ValueError(
-                f"unsupported open_clip config keys {unsupported}; "
-                "valid: embed_dim, vision_cfg, text_cfg, quick_gelu"
-            )
-        repo_id, files = self.hub_location() if pretrained is True else (None, self.hub_location()[1])
-        path, weights_id = _resolve(self.name, "vlm", pretrained, repo_id, files)
-        with seeded(TINY_SEED):
-            model = CLIP(**cfg)
-        if path is not None:
-            sd = load_checkpoint_file(path)
-            sd = {
-                k: v
-                for k, v in sd.items()
-                if k not in ("attn_mask", "text.transformer.embeddings.position_ids")
-            }
-            if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:
-                sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
-            _load_strict(model, sd, str(path), self.name)
-        return model, f"{self.name}:{_with_overrides(weights_id, arch_overrides)}"
-
-    def __call__(self, pretrained: Pretrained = True, **arch_overrides: Any) -> MaskCLIP:
-        model, weights_id = self.build(pretrained, **arch_overrides)
-        return MaskCLIP(model, weights_id, tokenizer_name=self.model_name)
-
-
-@dataclass(frozen=True)
-class DenseClipVLM(OpenClipVLM):
-    """A training-free dense-CLIP VLM (PREDICTORS.md): SCLIP, ClearCLIP, NACLIP, ProxyCLIP or SC-CLIP.
-
-    ``vfm`` (ProxyCLIP only) names the VM registry entry of the proxy model; ``vfm_arch`` its arch overrides.
-    """
-
-    method: str = "sclip"
-    vfm: str | None = None
-    vfm_arch: dict[str, Any] = field(default_factory=dict)
-
-    def __call__(
-        self,
-        pretrained: Pretrained = True,
-        *,
-        vfm_pretrained: Pretrained | str = "same",
-        vfm_arch: dict[str, Any] | None = None,
-        **arch_overrides: Any,
-    ) -> nn.Module:
-        """Build the encoder. ProxyCLIP only: ``vfm_pretrained`` gives the VFM's weights (``"same"``: the
-        registry's when ``pretrained`` is not False/None, random init otherwise), ``vfm_arch`` its timm
-        arch overrides (merged over ``self.vfm_arch``)."""
-        from .clip_dense import DENSE_METHODS, DenseCLIP
-        from .proxyclip import ProxyCLIP
-        from .scclip import SCCLIP
-
-        model, weights_id = self.build(pretrained, **arch_overrides)
-        text = {"tokenizer_name": self.model_name}
-        if self.method != "proxyclip" and (vfm_arch is not None or vfm_pretrained != "same"):
-            raise ValueError(f"'{self.name}' has no VFM: vfm_pretrained/vfm_arch are for ProxyCLIP only")
-        if self.method in DENSE_METHODS:
-            return DenseCLIP(model, weights_id, method=self.method, **text)
-        if self.method == "scclip":
-            return SCCLIP(model, weights_id, **text)
-        if self.method == "proxyclip":
-            if self.vfm is None:
-                raise ValueError(f"'{self.name}' has no VFM")
-            if isinstance(vfm_pretrained, str) and vfm_pretrained == "same":
-                vfm_pretrained = pretrained is not None and pretrained is not False
-            vfm = VM_MODELS[self.vfm](vfm_pretrained, **merge_arch(self.vfm_arch, vfm_arch or {}))
-            if not isinstance(vfm, ViTValueEncoder):
-                raise TypeError(f"VFM '{self.vfm}' is not a ViTValueEncoder")
-            vfm.pos_embed_mode = "dino"  # DINO's own (g + 0.1) / g0 interpolation, PREDICTORS.md §4
-            return ProxyCLIP(model, weights_id, vfm=vfm, **text)
-        raise ValueError(f"unknown dense CLIP method {self.method!r}")
-
-
-VM_MODELS: dict[str, Callable[..., ViTValueEncoder]] = {
+VM_MODELS: dict[str, Callable[..., Any]] = {
     "dino_b16": TimmVM("dino_b16", "vit_base_patch16_224.dino", "timm/vit_base_patch16_224.dino",
                        description="DINO ViT-B/16 (default)"),
     "dino_b8": TimmVM("dino_b8", "vit_base_patch8_224.dino", "timm/vit_base_patch8_224.dino",
@@ -381,34 +36,186 @@ VM_MODELS: dict[str, Callable[..., ViTValueEncoder]] = {
                           description="tiny random ViT, patch 16, 64-d: meaningless features, tests only"),
 }  # fmt: skip
 
-VLM_MODELS: dict[str, Callable[..., nn.Module]] = {
+VLM_MODELS: dict[str, Callable[..., Any]] = {
     "maskclip_b16": OpenClipVLM("maskclip_b16", "ViT-B-16", "laion2b_s34b_b88k",
                                 description="MaskCLIP on OpenCLIP ViT-B-16 laion2b_s34b_b88k"),
     "tiny_random": OpenClipVLM("tiny_random", "ViT-B-16", None, base_arch=TINY_CLIP_ARCH,
                                description="tiny random CLIP, 32-d: meaningless features, tests only"),
 }  # fmt: skip
 
-_DENSE_DESCRIPTIONS = {
-    "sclip": "SCLIP (softmax(qq)+softmax(kk), residual and FFN kept)",
-    "clearclip": "ClearCLIP (softmax(qq), no residual, no FFN)",
-    "naclip": "NACLIP (softmax(kk + Gaussian), no residual, no FFN)",
-    "proxyclip": "ProxyCLIP (DINO ViT-B/16 proxy attention)",
-    "scclip": "SC-CLIP (LOF fill, mixing, multi-level)",
+#: The training-free dense-CLIP predictors (docs/predictors.md): method -> (row label, description).
+_DENSE = {
+    "sclip": ("SCLIP", "SCLIP (softmax(qq)+softmax(kk), residual and FFN kept)"),
+    "clearclip": ("ClearCLIP", "ClearCLIP (softmax(qq), no residual, no FFN)"),
+    "naclip": ("NACLIP", "NACLIP (softmax(kk + Gaussian), no residual, no FFN)"),
+    "proxyclip": ("ProxyCLIP", "ProxyCLIP (proxy attention from a DINO VFM, default ViT-B/16)"),
+    "scclip": ("SC-CLIP", "SC-CLIP (LOF fill, mixing, multi-level)"),
 }
-for _method, _text in _DENSE_DESCRIPTIONS.items():
-    _vfm = "dino_b16" if _method == "proxyclip" else None
+for _method, (_label, _text) in _DENSE.items():
     VLM_MODELS[f"{_method}_b16"] = DenseClipVLM(
-        f"{_method}_b16", "ViT-B-16-quickgelu", "openai", method=_method, vfm=_vfm,
+        f"{_method}_b16", "ViT-B-16-quickgelu", "openai", method=_method, label=_label, vms=VM_MODELS,
+        vfm="dino_b16" if _method == "proxyclip" else None,
         description=f"{_text} on OpenAI CLIP ViT-B/16 (ViT-B-16-quickgelu / openai)",
-    )
-for _method, _text in _DENSE_DESCRIPTIONS.items():
-    _vfm = "tiny_random" if _method == "proxyclip" else None
+    )  # fmt: skip
     VLM_MODELS[f"{_method}_tiny_random"] = DenseClipVLM(
-        f"{_method}_tiny_random", "ViT-B-16-quickgelu", None, method=_method, vfm=_vfm,
+        f"{_method}_tiny_random", "ViT-B-16-quickgelu", None, method=_method, label=_label, vms=VM_MODELS,
+        vfm="tiny_random" if _method == "proxyclip" else None,
         base_arch=TINY_SCCLIP_ARCH if _method == "scclip" else TINY_QUICKGELU_CLIP_ARCH,
         description=f"tiny random quick-GELU CLIP for {_method}: meaningless features, tests only",
+    )  # fmt: skip
+del _method, _label, _text
+
+_TABLES = {"vm": VM_MODELS, "vlm": VLM_MODELS}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _register(kind: str, obj: Any, name: str | None, **info: Any) -> Any:
+    table = _TABLES[kind]
+    entry = obj if hasattr(obj, "has_weights") else None
+    if entry is None:
+        if not callable(obj):
+            raise TypeError(f"register_{kind} needs a builder function or a registry entry, got {obj!r}")
+        entry = FunctionEntry(name or obj.__name__, obj, **info)
+    key = name or entry.name
+    old = table.get(key)
+    origin = _origin(entry)
+    same = old == entry or (origin is not None and _origin(old) == origin)  # the same builder, imported again
+    if old is not None and not same:
+        raise ConfigError(f"{kind} model {key!r} is already registered; pick another name")
+    table[key] = entry
+    return obj
+
+
+def _origin(entry: Any) -> tuple[str, str] | None:
+    fn = getattr(entry, "fn", None)
+    return None if fn is None else (getattr(fn, "__module__", ""), getattr(fn, "__qualname__", ""))
+
+
+def register_vm(
+    fn: F | None = None, *, name: str | None = None, has_weights: bool = True, description: str = ""
+) -> Any:
+    """Add a VM to :data:`VM_MODELS`, in the spirit of timm's ``register_model``.
+
+    Use as ``@register_vm`` or ``@register_vm(name=..., has_weights=False)`` on a builder
+    ``fn(pretrained=True, **arch_overrides) -> nn.Module`` (``[B, 3, h, w]`` in ``[0, 1]`` ->
+    ``[B, gh, gw, D]`` L2-normalised, with ``patch_size`` and ``weights_id``), or call it with an entry
+    (:class:`TimmVM`). ``has_weights``: whether ``pretrained=True`` loads trained weights (runs with
+    random-init encoders are marked as such). Returns ``fn`` unchanged.
+    """
+    if fn is None:
+        return lambda f: _register("vm", f, name, has_weights=has_weights, description=description)
+    return _register("vm", fn, name, has_weights=has_weights, description=description)
+
+
+def register_vlm(
+    fn: F | None = None,
+    *,
+    name: str | None = None,
+    has_weights: bool = True,
+    label: str | None = None,
+    description: str = "",
+) -> Any:
+    """Add a VLM (an initial predictor) to :data:`VLM_MODELS`; as :func:`register_vm`.
+
+    The builder's encoder also has ``encode_text(list of str) -> [T, D]``. ``label`` names it in report
+    tables (default: its name). Example (a MaskCLIP on another open_clip model)::
+
+        @register_vlm(label="MaskCLIP-L")
+        def maskclip_l14(pretrained=True, **arch):
+            return OpenClipVLM("maskclip_l14", "ViT-L-14", "openai")(pretrained, **arch)
+    """
+    def add(f: Any) -> Any:
+        info = {"has_weights": has_weights, "description": description}
+        return _register("vlm", f, name, label=label or name or getattr(f, "__name__", None), **info)
+
+    return add if fn is None else add(fn)
+
+
+def _from_import_path(table: dict[str, Any], name: str, kind: str) -> Any:
+    module_name, sep, attr = name.partition(":") if ":" in name else name.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        raise ConfigError(f"{kind}={name}: cannot import {module_name} ({reason})") from None
+    for entry in table.values():  # registered by the module's own decorator
+        if _origin(entry) == (module.__name__, attr):
+            return entry
+    obj = getattr(module, attr, None)
+    if obj is None or not callable(obj):
+        raise ConfigError(f"{kind}={name}: module {module_name} has no builder {attr!r}")
+    register = register_vm if kind == "vm" else register_vlm
+    register(obj, name=name)
+    return table[name]
+
+
+def lookup(kind: str, name: str) -> Any:
+    """The registry entry of ``name`` (``vm`` or ``vlm``), importing it when ``name`` is an import path.
+
+    Raises:
+        ConfigError: unknown name (the message lists the valid ones and how to add one).
+    """
+    table = _TABLES[kind]
+    if name in table:
+        return table[name]
+    if "." in name or ":" in name:
+        return _from_import_path(table, name, kind)
+    raise ConfigError(
+        f"unknown {kind} model {name!r}; valid names: {', '.join(table)} "
+        f"(e.g. {kind}={next(iter(table))}), or register one with @register_{kind} / name its builder "
+        f"by import path ({kind}.name=my_pkg.module.builder)"
     )
-del _method, _text, _vfm
+
+
+def has_trained_weights(kind: str, name: str, pretrained: Pretrained) -> bool:
+    """Whether ``create_vm`` / ``create_vlm(name, pretrained)`` loads trained weights (not a random init).
+
+    ``pretrained`` False or None means random init; ``True`` the entry's weights, if it has any
+    (``has_weights``: not ``tiny_random`` and the ``*_tiny_random`` twins); a checkpoint file or hf-hub
+    spec counts as trained. Unknown names raise as :func:`create_vm` does.
+    """
+    entry = lookup(kind, name)
+    if pretrained is None or pretrained is False:
+        return False
+    if pretrained is True:
+        return bool(getattr(entry, "has_weights", True))
+    return True
+
+
+def vfm_options(
+    vlm: str, *, vfm: str | None, vfm_pretrained: Pretrained, vm: str, vm_pretrained: Pretrained
+) -> dict[str, Any]:
+    """``create_vlm`` keyword arguments for the proxy model of ``vlm`` (``{}`` when it has none).
+
+    ``vfm``: a VM name, ``None`` for the entry's own. ``vfm_pretrained``: as ``pretrained``; ``None``
+    means ``vm_pretrained`` when the proxy model is the VM ``vm`` (one set of weights: the VM's pass then
+    serves both, see :func:`lposs_lab.models.proxyclip.shared_vfm_forward`), else the registry's weights
+    (random init when the VLM is).
+
+    Raises:
+        ConfigError: ``vfm`` / ``vfm_pretrained`` given for a VLM without a proxy model, or an unknown
+            ``vfm`` (the message lists the valid ones).
+    """
+    entry = lookup("vlm", vlm)
+    if not (isinstance(entry, DenseClipVLM) and entry.method == "proxyclip"):
+        if vfm is not None or vfm_pretrained is not None:
+            given = "vfm" if vfm is not None else "vfm_pretrained"
+            raise ConfigError(f"{given} is for ProxyCLIP only: vlm={vlm} has no proxy model")
+        return {}
+    name = entry.check_vfm(vfm)
+    if vfm_pretrained is None:
+        vfm_pretrained = (True if vm_pretrained is None else vm_pretrained) if name == vm else "same"
+    return {"vfm": name, "vfm_pretrained": vfm_pretrained}
+
+
+def vlm_label(name: str | None) -> str | None:
+    """The report label of initial predictor ``name`` (``sclip_b16`` -> ``SCLIP``); ``None`` for MaskCLIP
+    entries (rows named by the method alone); an unregistered name (a builder registered in another
+    process) is its own label. Never imports anything."""
+    if not name:
+        return None
+    entry = VLM_MODELS.get(str(name))
+    return str(name) if entry is None else getattr(entry, "label", str(name))
 
 
 def _finish(encoder: nn.Module, device: torch.device | str | None, dtype: torch.dtype | None) -> Any:
@@ -419,29 +226,6 @@ def _finish(encoder: nn.Module, device: torch.device | str | None, dtype: torch.
     return encoder
 
 
-def _lookup(table: dict[str, Callable[..., Any]], name: str, kind: str) -> Callable[..., Any]:
-    if name not in table:
-        raise ConfigError(
-            f"unknown {kind} model {name!r}; valid names: {', '.join(table)} "
-            f"(e.g. {kind}={next(iter(table))})"
-        )
-    return table[name]
-
-
-def has_trained_weights(kind: str, name: str, pretrained: Pretrained) -> bool:
-    """Whether ``create_vm`` / ``create_vlm(name, pretrained)`` loads trained weights (not a random init).
-
-    ``pretrained`` False or None means random init; so does a registry entry without weights
-    (``tiny_random`` and the ``*_tiny_random`` twins). Unknown names raise as :func:`create_vm` does.
-    """
-    entry = _lookup(VM_MODELS if kind == "vm" else VLM_MODELS, name, kind)
-    if pretrained is None or pretrained is False:
-        return False
-    if pretrained is True:
-        return (entry.hf_repo if kind == "vm" else entry.pretrained_tag) is not None
-    return True  # a checkpoint file or hf-hub spec
-
-
 def create_vm(
     name: str = "dino_b16",
     pretrained: Pretrained = True,
@@ -449,12 +233,13 @@ def create_vm(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     **arch_overrides: Any,
-) -> ViTValueEncoder:
+) -> Any:
     """Build a VM (value-feature ViT) by registry name, frozen, in eval mode, on ``device``.
 
     Args:
-        name: one of ``VM_MODELS`` (``dino_b16``, ``dino_b8``, ``dinov2_b14``, ``tiny_random``).
-        pretrained: see the module docstring.
+        name: one of ``VM_MODELS`` (``dino_b16``, ``dino_b8``, ``dinov2_b14``, ``tiny_random``, registered
+            ones), or a builder's import path.
+        pretrained: see :mod:`lposs_lab.models.weights`.
         device: where to put the model (default: stays on CPU).
         dtype: optional parameter dtype (e.g. ``torch.float16`` on CUDA); outputs stay float32.
         **arch_overrides: timm ``create_model`` overrides (e.g. ``depth=2, embed_dim=64, num_heads=4``).
@@ -462,9 +247,9 @@ def create_vm(
     Raises:
         WeightsUnavailableError: weights not cached while offline, download failure, missing file.
         WeightsMismatchError: the checkpoint does not fit the architecture.
-        ValueError: unknown name (the message lists the valid ones).
+        ConfigError: unknown name (the message lists the valid ones).
     """
-    return _finish(_lookup(VM_MODELS, name, "vm")(pretrained, **arch_overrides), device, dtype)
+    return _finish(lookup("vm", name)(pretrained, **arch_overrides), device, dtype)
 
 
 def create_vlm(
@@ -474,21 +259,22 @@ def create_vlm(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     **arch_overrides: Any,
-) -> MaskCLIP:
+) -> Any:
     """Build a VLM by registry name, frozen, in eval mode, on ``device``.
 
     Args:
         name: one of ``VLM_MODELS``: ``maskclip_b16``, ``tiny_random`` (MaskCLIP); ``sclip_b16``,
-            ``clearclip_b16``, ``naclip_b16``, ``proxyclip_b16``, ``scclip_b16`` (PREDICTORS.md, OpenAI
-            ``ViT-B-16-quickgelu``; ProxyCLIP adds a DINO ViT-B/16 VFM, ``vfm_pretrained=`` for its
-            weights) and their ``*_tiny_random`` twins. All share MaskCLIP's interface.
-        pretrained: see the module docstring.
+            ``clearclip_b16``, ``naclip_b16``, ``proxyclip_b16``, ``scclip_b16`` (docs/predictors.md, OpenAI
+            ``ViT-B-16-quickgelu``; ProxyCLIP adds a DINO VFM: ``vfm=`` names it, ``vfm_pretrained=`` gives
+            its weights) and their ``*_tiny_random`` twins; registered ones; or a builder's import path.
+            All share MaskCLIP's interface.
+        pretrained: see :mod:`lposs_lab.models.weights`.
         device: where to put the model.
         dtype: optional parameter dtype; outputs stay float32.
         **arch_overrides: open_clip config overrides merged into ``ViT-B-16``'s: ``embed_dim``,
             ``vision_cfg={...}``, ``text_cfg={...}``, ``quick_gelu``.
 
     Raises:
-        WeightsUnavailableError, WeightsMismatchError, ValueError: as :func:`create_vm`.
+        WeightsUnavailableError, WeightsMismatchError, ConfigError: as :func:`create_vm`.
     """
-    return _finish(_lookup(VLM_MODELS, name, "vlm")(pretrained, **arch_overrides), device, dtype)
+    return _finish(lookup("vlm", name)(pretrained, **arch_overrides), device, dtype)

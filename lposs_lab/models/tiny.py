@@ -11,8 +11,6 @@ import copy
 from collections.abc import Iterator
 from typing import Any
 
-import torch
-
 __all__ = ["TINY_VIT_ARCH", "TINY_CLIP_ARCH", "TINY_QUICKGELU_CLIP_ARCH", "TINY_SCCLIP_ARCH", "TINY_SEED"]
 __all__ += ["seeded", "merge_arch"]
 
@@ -42,6 +40,8 @@ TINY_SCCLIP_ARCH: dict[str, Any] = {
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Run the block with torch's CPU RNG seeded to ``seed``, restoring the global RNG state after."""
+    import torch  # here: the registry's tables import this module without torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield

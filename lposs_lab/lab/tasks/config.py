@@ -41,16 +41,27 @@ def plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
+def _encoder_name(group: dict[str, Any], default: str) -> str:
+    """A ``vm`` / ``vlm`` group's encoder: ``name`` (a registry name or a builder's import path) or, in a
+    config of the user's own, ``_target_`` (a builder's import path; it wins over ``name``)."""
+    return str(group.get("_target_") or group.get("name") or default)
+
+
 def lposs_config(cfg: DictConfig) -> LPOSSConfig:
-    """Map the ``vm``, ``vlm``, ``lp``, ``pixel`` and ``window`` groups onto :class:`LPOSSConfig`."""
+    """Map the ``vm``, ``vlm``, ``lp``, ``pixel`` and ``window`` groups onto :class:`LPOSSConfig`.
+
+    ``vlm.vfm`` / ``vlm.vfm_pretrained`` (ProxyCLIP's proxy model) become ``vfm`` / ``vfm_pretrained``.
+    """
     vm = plain(cfg.get("vm")) or {}
     vlm = plain(cfg.get("vlm")) or {}
     return LPOSSConfig.from_dict(
         {
-            "vm": str(vm.get("name", "dino_b16")),
-            "vlm": str(vlm.get("name", "maskclip_b16")),
+            "vm": _encoder_name(vm, "dino_b16"),
+            "vlm": _encoder_name(vlm, "maskclip_b16"),
             "vm_pretrained": vm.get("pretrained"),
             "vlm_pretrained": vlm.get("pretrained"),
+            "vfm": vlm.get("vfm"),
+            "vfm_pretrained": vlm.get("vfm_pretrained"),
             **{key: plain(cfg[key]) for key in ("lp", "pixel", "window") if cfg.get(key) is not None},
             "device": str(cfg.get("device", "auto")),
             "encoder_dtype": str(cfg.get("encoder_dtype", "float32")),
@@ -90,7 +101,9 @@ def random_init_encoders(config: LPOSSConfig) -> list[str]:
 def build_predictor(cfg: DictConfig) -> LPOSS:
     """The predictor a resolved run config describes (encoders built, weights fetched or cached)."""
     config = lposs_config(cfg)
-    return LPOSS.from_config(config, method=method_name(cfg, config), text_cache_dir=text_cache_dir(cfg))
+    return LPOSS.from_config(
+        config, method=method_name(cfg, config), text_cache_dir=text_cache_dir(cfg), error_style="hydra"
+    )
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
