@@ -6,16 +6,23 @@ config object. Defaults are the ones of SPEC.md (the numerics behind the paper's
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["LPConfig", "PixelConfig", "WindowConfig", "LPOSSConfig", "ENCODER_DTYPES"]
+__all__ = ["LPConfig", "PixelConfig", "WindowConfig", "LPOSSConfig", "ENCODER_DTYPES", "DEPTH_MODEL_NAMES"]
 
 #: ``LPOSSConfig.encoder_dtype`` choices.
 ENCODER_DTYPES = ("float32", "float16", "bfloat16")
+
+#: ``PixelConfig.depth_model`` choices (the keys of :data:`lposs_lab.models.depth.DEPTH_MODELS`, which maps
+#: each to its weights; named here too so that a config is checked without importing torch)
+DEPTH_MODEL_NAMES = ("depth_anything_v2_small", "tiny_random")
 
 
 def _check(section: str, name: str, value: Any, ok: bool, valid: str) -> None:
@@ -136,6 +143,7 @@ class PixelConfig:
         _check(n, "max_bytes", self.max_bytes, _integer(self.max_bytes) and self.max_bytes >= 1, "bytes >= 1")
         _choice(n, "spatial", self.spatial, ("binary", "rbf"))
         _choice(n, "feature", self.feature, ("lab", "depth", "lab+depth"))
+        _choice(n, "depth_model", self.depth_model, DEPTH_MODEL_NAMES)
         _choice(n, "backend", self.backend, ("auto", "torch", "numba", "triton"))
 
     #: the fields that are :func:`lposs_lab.refine_pixels` arguments (the rest choose features or the stage)
@@ -225,6 +233,10 @@ class LPOSSConfig:
             kind in ("cpu", "cuda", "mps", "xpu") and (not index or index.isdigit())
         )
         _check("", "device", self.device, valid_device, "auto | cpu | cuda | cuda:N")
+        if self.pixel.enabled and self.pixel.backend == "triton":
+            reason = _triton_unavailable(dev)
+            if reason is not None:
+                raise ConfigError(f"pixel.backend='triton' cannot run here; valid here: {reason}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LPOSSConfig:
@@ -247,6 +259,33 @@ class LPOSSConfig:
     def replace(self, **changes: Any) -> LPOSSConfig:
         """Copy with top-level fields replaced."""
         return replace(self, **changes)
+
+
+def _cuda_device_files() -> bool:
+    """Whether this machine may have a GPU torch can use: on Linux a CUDA (or ROCm, or WSL) GPU shows
+    as a device file, so without one the answer is no and torch need not be imported to ask."""
+    if os.name != "posix" or not Path("/dev").is_dir():
+        return True  # no cheap test: ask torch
+    return any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg"))
+
+
+def _triton_unavailable(device: str) -> str | None:
+    """Why the Triton pixel-stage kernel cannot run on ``device`` (``auto``, ``cuda``, ``cpu``...), or None.
+
+    The answer starts with the backends that can run instead."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None  # Triton's interpreter runs the kernel on CPU tensors (tests)
+    if device.partition(":")[0] not in ("auto", "cuda"):
+        return f"auto | torch | numba; triton needs a CUDA device, and device={device}"
+    if not _cuda_device_files():
+        return f"auto | torch | numba; triton needs a CUDA device, this machine has none (device={device})"
+    import torch  # only here: a config that asks for triton on a machine with a GPU
+
+    if not torch.cuda.is_available():
+        return f"auto | torch | numba; triton needs a CUDA device, and torch sees none (device={device})"
+    if importlib.util.find_spec("triton") is None:
+        return "auto | torch; triton is not installed (pip install triton)"
+    return None
 
 
 def _sub(kind: type, value: Mapping[str, Any] | None, name: str):

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lposs_lab.errors import ConfigError, UserError
-from lposs_lab.image_io import ImageError
+from lposs_lab.errors import ConfigError, ImageError, UserError
 
 __all__ = [
     "BENCHMARKS",
