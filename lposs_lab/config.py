@@ -213,6 +213,11 @@ class LPOSSConfig:
         window: window setup.
         device: torch device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``...) or ``"auto"``.
         encoder_dtype: ``"float32"`` or ``"float16"``/``"bfloat16"`` for the encoders (CUDA only).
+
+    Raises:
+        ConfigError: a value out of range, or ``pixel.backend="triton"`` (with the pixel stage enabled) where
+            Triton cannot run: no CUDA device, ``device`` not CUDA, or triton not installed
+            (``TRITON_INTERPRET=1`` runs it on the CPU). Checked when built, before any model is.
     """
 
     vm: str = "dino_b16"
