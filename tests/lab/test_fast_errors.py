@@ -249,3 +249,17 @@ def test_run_py_full_hydra_error_and_cfg(tmp_path):
     shown = _run_py(tmp_path, "--cfg", "job", "vm=tiny_random")
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert "name: tiny_random" in shown.stdout
+
+
+def test_package_exports_resolve_lazily():
+    import importlib
+
+    import lposs_lab
+
+    for name in lposs_lab.__all__:
+        assert getattr(lposs_lab, name) is not None, name
+    importlib.import_module("lposs_lab.refine")  # the submodule must not replace the function it exports
+    assert callable(lposs_lab.refine) and lposs_lab.refine.__name__ == "refine"
+    assert lposs_lab.LPOSSConfig is LPOSSConfig and lposs_lab.ImageError is ImageError
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        lposs_lab.nope  # noqa: B018
