@@ -1,7 +1,7 @@
 """Hyperparameters of the method as frozen dataclasses.
 
 The Hydra configs under ``conf/`` map one-to-one onto these classes; nothing in the math reads a
-config object. Defaults are the ones of SPEC.md (the numerics behind the paper's tables).
+config object. Defaults are the ones of docs/method.md (the numerics behind the paper's tables).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _choice(section: str, name: str, value: Any, choices: tuple[str, ...]) -> No
 
 @dataclass(frozen=True)
 class LPConfig:
-    """Label propagation over patches (SPEC §3).
+    """Label propagation over patches (docs/method.md §3).
 
     Attributes:
         k: neighbours per node in the kNN graph, the node itself included (clamped to N).
@@ -97,7 +97,7 @@ class LPConfig:
 
 @dataclass(frozen=True)
 class PixelConfig:
-    """Label propagation over pixels, the "+" of LPOSS+ (SPEC §4).
+    """Label propagation over pixels, the "+" of LPOSS+ (docs/method.md §4).
 
     Attributes:
         enabled: run the pixel stage (LPOSS+) or stop after the patch stage (LPOSS).
@@ -156,14 +156,14 @@ class PixelConfig:
 
 @dataclass(frozen=True)
 class WindowConfig:
-    """Resize and sliding windows (SPEC §1).
+    """Resize and sliding windows (docs/method.md §1).
 
     Attributes:
         size: window side in pixels; 0 means no windows (the whole image is one window).
         stride: window stride in pixels.
         short_side: the resized image's short side is at most this.
         long_side: the resized image's long side is at most this.
-        joint: one graph over the patches of all windows (default, SPEC §1) or one graph per window.
+        joint: one graph over the patches of all windows (default, docs/method.md §1) or one graph per window.
         ensemble: extra ``(size, stride)`` setups whose outputs are averaged with this one's (Table 3).
     """
 

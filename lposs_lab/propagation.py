@@ -1,4 +1,4 @@
-"""Label propagation over patches (LPOSS, SPEC §3) and the batched conjugate gradient it shares
+"""Label propagation over patches (LPOSS, docs/method.md §3) and the batched conjugate gradient it shares
 with the pixel stage.
 
 All functions are pure, run on the device of their inputs and work in float32.
@@ -193,7 +193,7 @@ def patch_graph(
     sigma_a: float = 0.1,
     spatial: str = "rbf",
 ) -> Tensor:
-    """The symmetrically normalised patch affinity ``S_hat = D^-1/2 W D^-1/2`` (SPEC §3).
+    """The symmetrically normalised patch affinity ``S_hat = D^-1/2 W D^-1/2`` (docs/method.md §3).
 
     ``W = S + S^T`` with the diagonal zeroed, ``S`` holding the kNN edge weights
     ``a(f_i.f_j) * b(||p_i - p_j||)`` where ``a`` is ``max(s, 0)^gamma`` (``"power"``) or
@@ -268,7 +268,7 @@ def refine_patches(
     sigma_a: float = 0.1,
     spatial: str = "rbf",
 ) -> Tensor:
-    """LPOSS: propagate per-patch class scores over the kNN patch graph (SPEC §3).
+    """LPOSS: propagate per-patch class scores over the kNN patch graph (docs/method.md §3).
 
     Solves ``(I - alpha S_hat) X = Y`` for all classes at once by ``max_iter`` steps of
     conjugate gradient from zero (see :func:`patch_graph` for ``S_hat`` and the kernels, and

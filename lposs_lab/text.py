@@ -1,4 +1,4 @@
-"""Class names -> synonyms -> prompt-ensembled CLIP text embeddings (SPEC §0 and §2, Text).
+"""Class names -> synonyms -> prompt-ensembled CLIP text embeddings (docs/method.md §0 and §2, Text).
 
 For each synonym: format the 80 ImageNet templates, encode, L2-normalise each, average, L2-normalise.
 Embeddings are cached per synonym in memory (key: the VLM's ``weights_id``, the templates, the synonym)
@@ -39,13 +39,13 @@ def default_text_cache_dir() -> Path:
 
 
 def _openai_templates() -> tuple[str, ...]:
-    # open_clip ships the 80 templates as callables; SPEC section 2's list is the same, in the same order.
+    # open_clip ships the 80 templates as callables; docs/method.md §2's list is the same, in the same order.
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
     return tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
 
 
-#: The 80 ImageNet prompt templates of SPEC section 2 (each holds one ``{}`` for the class name).
+#: The 80 ImageNet prompt templates of docs/method.md §2 (each holds one ``{}`` for the class name).
 IMAGENET_TEMPLATES: tuple[str, ...] = _openai_templates()
 
 

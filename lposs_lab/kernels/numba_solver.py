@@ -105,7 +105,7 @@ def _normalise(nbhd, h, w, half):  # pragma: no cover - compiled
 def neighbourhood_from_features(
     features: Tensor, *, r: int = 13, tau: float = 0.01, spatial: str = "binary", sigma_s: float = 6.0
 ) -> tuple[np.ndarray, int]:
-    """The normalised pixel graph ``S_hat`` of SPEC §4 as a pixel-major neighbourhood.
+    """The normalised pixel graph ``S_hat`` of docs/method.md §4 as a pixel-major neighbourhood.
 
     Args:
         features: ``[F, H, W]`` pixel features on the CPU.

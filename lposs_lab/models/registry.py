@@ -325,7 +325,7 @@ class OpenClipVLM:
 
 @dataclass(frozen=True)
 class DenseClipVLM(OpenClipVLM):
-    """A training-free dense-CLIP VLM (PREDICTORS.md): SCLIP, ClearCLIP, NACLIP, ProxyCLIP or SC-CLIP.
+    """A training-free dense-CLIP VLM (docs/predictors.md): SCLIP, ClearCLIP, NACLIP, ProxyCLIP or SC-CLIP.
 
     ``vfm`` (ProxyCLIP only) names the VM registry entry of the proxy model; ``vfm_arch`` its arch overrides.
     """
@@ -365,7 +365,7 @@ class DenseClipVLM(OpenClipVLM):
             vfm = VM_MODELS[self.vfm](vfm_pretrained, **merge_arch(self.vfm_arch, vfm_arch or {}))
             if not isinstance(vfm, ViTValueEncoder):
                 raise TypeError(f"VFM '{self.vfm}' is not a ViTValueEncoder")
-            vfm.pos_embed_mode = "dino"  # DINO's own (g + 0.1) / g0 interpolation, PREDICTORS.md §4
+            vfm.pos_embed_mode = "dino"  # DINO's own (g + 0.1) / g0 interpolation, docs/predictors.md §4
             return ProxyCLIP(model, weights_id, vfm=vfm, **text)
         raise ValueError(f"unknown dense CLIP method {self.method!r}")
 
@@ -479,7 +479,7 @@ def create_vlm(
 
     Args:
         name: one of ``VLM_MODELS``: ``maskclip_b16``, ``tiny_random`` (MaskCLIP); ``sclip_b16``,
-            ``clearclip_b16``, ``naclip_b16``, ``proxyclip_b16``, ``scclip_b16`` (PREDICTORS.md, OpenAI
+            ``clearclip_b16``, ``naclip_b16``, ``proxyclip_b16``, ``scclip_b16`` (docs/predictors.md, OpenAI
             ``ViT-B-16-quickgelu``; ProxyCLIP adds a DINO ViT-B/16 VFM, ``vfm_pretrained=`` for its
             weights) and their ``*_tiny_random`` twins. All share MaskCLIP's interface.
         pretrained: see the module docstring.

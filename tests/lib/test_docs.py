@@ -103,3 +103,37 @@ def test_the_checks_can_fail(tmp_path):
     assert not _exists("lposs_lab/nope.py", md) and _exists("lposs_lab/config.py", md)
     assert modules(text) == ["lposs_lab.lab.nope"]
     assert importlib.util.find_spec("lposs_lab.lab.nope") is None
+
+
+# ------------------------------------------------------------------ citations of files users do not have
+
+#: the method's and the predictors' notes the project was written from: users have docs/method.md and
+#: docs/predictors.md instead
+CITED = re.compile(r"SPEC\.md|PREDICTORS\.md|DATASETS\.md|WEB\.md|\.\./shared|\bSPEC (§|section)")
+CITING_SUFFIXES = (".py", ".md", ".ipynb", ".yaml", ".json")
+
+
+def project_files() -> list[Path]:
+    """The repository's own text files (this test excluded: it names what it looks for)."""
+    out = [REPO / name for name in TOP if (REPO / name).is_file()]
+    for top in TOP:
+        if (REPO / top).is_dir():
+            out += [p for p in (REPO / top).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    return sorted(p for p in out if p.suffix in CITING_SUFFIXES and p != Path(__file__).resolve())
+
+
+def test_no_file_cites_notes_outside_the_repository():
+    offenders = [
+        f"{path.relative_to(REPO)}:{n}"
+        for path in project_files()
+        for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+        if CITED.search(line)
+    ]
+    assert not offenders, f"cite docs/method.md or docs/predictors.md instead: {offenders}"
+
+
+def test_the_citation_check_can_fail():
+    assert project_files() and REPO / "lposs_lab" / "config.py" in project_files()
+    for line in ("see SPEC §3", "(SPEC section 6)", "PREDICTORS.md §4", "../shared/data/benchmarks.json"):
+        assert CITED.search(line), line
+    assert not CITED.search("see docs/method.md §3 and docs/predictors.md §4")

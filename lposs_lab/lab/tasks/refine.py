@@ -7,7 +7,8 @@ the labels before and after in one table.
 
 A score file holds ``[C, h, w]`` class scores at any resolution (``.npy``, or ``.npz`` with a ``scores``
 array and optionally ``classes``), e.g. written by ``task=evaluate save_scores=DIR``. "Before" labels are
-the scores resized bilinearly to the image and argmaxed (SPEC §5); "after" labels are those of the refiner.
+the scores resized bilinearly to the image and argmaxed (docs/method.md §5); "after" labels are those of the
+refiner.
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ def _refine(
     refiner: str, image: np.ndarray, scores: torch.Tensor, config: Any, device: torch.device
 ) -> torch.Tensor:
     h, w = image.shape[:2]
-    if refiner == "lposs_plus":  # the pixel stage at the resize of window.short_side / long_side (SPEC §1)
+    if refiner == "lposs_plus":  # pixel stage at the window.*_side resize (docs/method.md §1)
         win = config.window
         return refine(
             image,
