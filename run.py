@@ -3,7 +3,9 @@
     python run.py dataset=ade20k vm=dino_b8 lp.k=800                       # evaluate a benchmark
     python run.py image=photo.jpg 'classes="cat,dog;puppy,sky"'            # segment your own images
 
-Everything is a config under ``conf/``; see README.md for the tasks and the config groups.
+Everything is a config under ``conf/``; see README.md for the tasks and the config groups. Mistakes on the
+command line (a group choice, a key, a value, a path) print one ``error: ...`` line and exit with status 2,
+in a second or two: they are checked before torch, Lightning or a model is imported.
 """
 
 import hydra
@@ -19,4 +21,7 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    main()
+    from lposs_lab.lab.tasks.hydra_errors import one_line_hydra_errors
+
+    with one_line_hydra_errors():
+        main()

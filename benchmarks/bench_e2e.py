@@ -101,7 +101,7 @@ def main() -> None:
                 row += f" {diff:.2e} | {agree * 100:.2f}% |"
             print(row, flush=True)
     t = time.strftime("%Y-%m-%d")
-    print(f"\n(measured {t}; images are resized per SPEC §1 first: 448xW inputs are used as they are)")
+    print(f"\n(measured {t}; images are resized per docs/method.md §1 first: 448xW inputs are used as is)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """CPU time of each initial predictor's dense features for one image's windows, against MaskCLIP.
 
-Real architectures (ViT-B/16; OpenAI ``ViT-B-16-quickgelu`` for the five PREDICTORS.md methods, OpenCLIP
+Real architectures (ViT-B/16; OpenAI ``ViT-B-16-quickgelu`` for the five docs/predictors.md methods, OpenCLIP
 ``ViT-B-16`` for MaskCLIP, DINO ViT-B/16 for ProxyCLIP's VFM and the VM) with **random init** (no
 download; the cost does not depend on the weights, except SC-CLIP's data-dependent parts, which are
 negligible). One 448x640 image -> 224/112 windows (3 x 5 = 15), one batch, float32, ``torch.no_grad``.

@@ -48,7 +48,7 @@ def synthetic_image(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def patch_layout(h: int, w: int, window: int = 224, stride: int = 112, patch: int = 16) -> np.ndarray:
-    """Patch centres ``[N, 2]`` of all sliding windows of an ``h x w`` image (SPEC §1, §3)."""
+    """Patch centres ``[N, 2]`` of all sliding windows of an ``h x w`` image (docs/method.md §1, §3)."""
 
     def starts(n_pix: int) -> list[int]:
         n = max(n_pix - window + stride - 1, 0) // stride + 1

@@ -1,6 +1,6 @@
 """The published structure of LPOSS/LPOSS+ ported to the CPU, as the baseline of the benchmark.
 
-Written from SPEC.md §3-4 with numpy/scipy only: an explicit scipy CSR graph and one float32
+Written from docs/method.md §3-4 with numpy/scipy only: an explicit scipy CSR graph and one float32
 ``scipy.sparse.linalg.cg`` per class column from ``x0 = 0`` (``rtol=1e-6``, ``maxiter=10``), which
 is how the authors' code solves both stages. Nothing here imports :mod:`lposs_lab`.
 """
@@ -36,7 +36,8 @@ def _normalised_laplacian(w: sp.csr_matrix, alpha: float) -> sp.csr_matrix:
 def pixel_laplacian(
     image: np.ndarray, *, r: int = 13, tau: float = 0.01, alpha: float = 0.95
 ) -> sp.csr_matrix:
-    """SPEC §4 graph of an ``[H, W, 3]`` RGB image in ``[0, 1]`` as a float32 CSR ``[HW, HW]`` Laplacian.
+    """docs/method.md §4: the graph of an ``[H, W, 3]`` RGB image in ``[0, 1]``, a float32 CSR ``[HW, HW]``
+    Laplacian.
 
     Every pixel is joined to all pixels of the ``r x r`` window around it (itself excluded, clipped
     at the border) with weight ``exp(-||lab_i - lab_j||_2 / tau)``, Lab divided by ``(100, 128, 128)``;
@@ -88,7 +89,8 @@ def patch_laplacian(
     sigma: float = 0.01,
     alpha: float = 0.95,
 ) -> sp.csr_matrix:
-    """SPEC §3 graph of ``N`` patches (features ``[N, D]``, centres ``[N, 2]``) as a float32 CSR Laplacian.
+    """docs/method.md §3: the graph of ``N`` patches (features ``[N, D]``, centres ``[N, 2]``), a float32 CSR
+    Laplacian.
 
     Dense inner-product kNN (``k`` clamped to ``N``, the node itself included) by ``argpartition``,
     ``s_ij = max(f_i.f_j, 0)^gamma exp(-sigma ||p_i - p_j||)``, ``W = S + S^T`` with a zero diagonal.

@@ -7,16 +7,49 @@ The core is plain Python and torch (no Hydra, no Lightning)::
     pred = model.predict("photo.jpg", classes=["cat", "dog;puppy", "sky"])
 """
 
-from .config import LPConfig, LPOSSConfig, PixelConfig, WindowConfig
-from .image_io import ImageError, load_image, to_rgb_uint8
-from .models.registry import register_vlm, register_vm  # noqa: F401 (encoders added from outside the package)
-from .pixels import lab_features, pixel_graph, pixel_stage, refine_pixels, rgb_to_lab
-from .postprocess import UNKNOWN, Abstain, abstain, pamr
-from .predictor import LPOSS, ImageFeatures, Prediction
-from .propagation import conjugate_gradient, knn_inner_product, patch_graph, patch_operator, refine_patches
-from .refine import Refinement, refine
+from __future__ import annotations
+
+import importlib
+import sys
+from types import ModuleType
 
 __version__ = "0.1.0"
+
+# public name -> the submodule defining it. Imported on first use (PEP 562), so that ``import lposs_lab``
+# (and ``lposs_lab.config`` / ``lposs_lab.errors``, which the command line checks input with before
+# anything heavy) does not pull in torch, timm or open_clip.
+_EXPORTS = {
+    "LPOSS": "predictor",
+    "ImageFeatures": "predictor",
+    "Prediction": "predictor",
+    "LPOSSConfig": "config",
+    "LPConfig": "config",
+    "PixelConfig": "config",
+    "WindowConfig": "config",
+    "refine": "refine",
+    "Refinement": "refine",
+    "pamr": "postprocess",
+    "abstain": "postprocess",
+    "Abstain": "postprocess",
+    "UNKNOWN": "postprocess",
+    "refine_patches": "propagation",
+    "patch_graph": "propagation",
+    "patch_operator": "propagation",
+    "conjugate_gradient": "propagation",
+    "knn_inner_product": "propagation",
+    "refine_pixels": "pixels",
+    "pixel_stage": "pixels",
+    "pixel_graph": "pixels",
+    "rgb_to_lab": "pixels",
+    "lab_features": "pixels",
+    "load_image": "image_io",
+    "to_rgb_uint8": "image_io",
+    "ImageError": "errors",
+    "create_vm": "models",
+    "create_vlm": "models",
+    "register_vm": "models",
+    "register_vlm": "models",
+}
 
 __all__ = [
     "LPOSS",
@@ -47,14 +80,33 @@ __all__ = [
     "ImageError",
     "create_vm",
     "create_vlm",
+    "register_vm",
+    "register_vlm",
     "__version__",
 ]
 
 
 def __getattr__(name: str):
-    # The encoders pull in timm and open_clip: import them only when asked for.
-    if name in ("create_vm", "create_vlm"):
-        from . import models
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lposs_lab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # looked up once
+    return value
 
-        return getattr(models, name)
-    raise AttributeError(f"module 'lposs_lab' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(ModuleType):
+    """``lposs_lab.refine`` is both a submodule and the function it defines: importing the submodule must
+    not replace the function (the import system sets the submodule as an attribute of its package)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, ModuleType) and _EXPORTS.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -1,24 +1,31 @@
 """Hyperparameters of the method as frozen dataclasses.
 
 The Hydra configs under ``conf/`` map one-to-one onto these classes; nothing in the math reads a
-config object. Defaults are the ones of SPEC.md (the numerics behind the paper's tables).
+config object. Defaults are the ones of docs/method.md (the numerics behind the paper's tables).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["LPConfig", "PixelConfig", "WindowConfig", "LPOSSConfig", "ENCODER_DTYPES"]
+__all__ = ["LPConfig", "PixelConfig", "WindowConfig", "LPOSSConfig", "ENCODER_DTYPES", "DEPTH_MODEL_NAMES"]
 
 #: ``PixelConfig.feature`` choices; :func:`lposs_lab.pixels.register_pixel_feature` adds to them.
 PIXEL_FEATURE_NAMES: list[str] = ["lab", "depth", "lab+depth"]
 
 #: ``LPOSSConfig.encoder_dtype`` choices.
 ENCODER_DTYPES = ("float32", "float16", "bfloat16")
+
+#: ``PixelConfig.depth_model`` choices (the keys of :data:`lposs_lab.models.depth.DEPTH_MODELS`, which maps
+#: each to its weights; named here too so that a config is checked without importing torch)
+DEPTH_MODEL_NAMES = ("depth_anything_v2_small", "tiny_random")
 
 
 def _check(section: str, name: str, value: Any, ok: bool, valid: str) -> None:
@@ -41,7 +48,7 @@ def _choice(section: str, name: str, value: Any, choices: tuple[str, ...]) -> No
 
 @dataclass(frozen=True)
 class LPConfig:
-    """Label propagation over patches (SPEC §3).
+    """Label propagation over patches (docs/method.md §3).
 
     Attributes:
         k: neighbours per node in the kNN graph, the node itself included (clamped to N).
@@ -89,7 +96,7 @@ class LPConfig:
 
 @dataclass(frozen=True)
 class PixelConfig:
-    """Label propagation over pixels, the "+" of LPOSS+ (SPEC §4).
+    """Label propagation over pixels, the "+" of LPOSS+ (docs/method.md §4).
 
     Attributes:
         enabled: run the pixel stage (LPOSS+) or stop after the patch stage (LPOSS).
@@ -135,6 +142,7 @@ class PixelConfig:
         _check(n, "max_bytes", self.max_bytes, _integer(self.max_bytes) and self.max_bytes >= 1, "bytes >= 1")
         _choice(n, "spatial", self.spatial, ("binary", "rbf"))
         _choice(n, "feature", self.feature, tuple(PIXEL_FEATURE_NAMES))
+        _choice(n, "depth_model", self.depth_model, DEPTH_MODEL_NAMES)
         _choice(n, "backend", self.backend, ("auto", "torch", "numba", "triton"))
 
     #: the fields that are :func:`lposs_lab.refine_pixels` arguments (the rest choose features or the stage)
@@ -147,14 +155,14 @@ class PixelConfig:
 
 @dataclass(frozen=True)
 class WindowConfig:
-    """Resize and sliding windows (SPEC §1).
+    """Resize and sliding windows (docs/method.md §1).
 
     Attributes:
         size: window side in pixels; 0 means no windows (the whole image is one window).
         stride: window stride in pixels.
         short_side: the resized image's short side is at most this.
         long_side: the resized image's long side is at most this.
-        joint: one graph over the patches of all windows (default, SPEC §1) or one graph per window.
+        joint: one graph over the patches of all windows (default, docs/method.md §1) or one graph per window.
         ensemble: extra ``(size, stride)`` setups whose outputs are averaged with this one's (Table 3).
     """
 
@@ -208,6 +216,11 @@ class LPOSSConfig:
         window: window setup.
         device: torch device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``...) or ``"auto"``.
         encoder_dtype: ``"float32"`` or ``"float16"``/``"bfloat16"`` for the encoders (CUDA only).
+
+    Raises:
+        ConfigError: a value out of range, or ``pixel.backend="triton"`` (with the pixel stage enabled) where
+            Triton cannot run: no CUDA device, ``device`` not CUDA, or triton not installed
+            (``TRITON_INTERPRET=1`` runs it on the CPU). Checked when built, before any model is.
     """
 
     vm: str = "dino_b16"
@@ -230,6 +243,10 @@ class LPOSSConfig:
             kind in ("cpu", "cuda", "mps", "xpu") and (not index or index.isdigit())
         )
         _check("", "device", self.device, valid_device, "auto | cpu | cuda | cuda:N")
+        if self.pixel.enabled and self.pixel.backend == "triton":
+            reason = _triton_unavailable(dev)
+            if reason is not None:
+                raise ConfigError(f"pixel.backend='triton' cannot run here; valid here: {reason}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LPOSSConfig:
@@ -252,6 +269,33 @@ class LPOSSConfig:
     def replace(self, **changes: Any) -> LPOSSConfig:
         """Copy with top-level fields replaced."""
         return replace(self, **changes)
+
+
+def _cuda_device_files() -> bool:
+    """Whether this machine may have a GPU torch can use: on Linux a CUDA (or ROCm, or WSL) GPU shows
+    as a device file, so without one the answer is no and torch need not be imported to ask."""
+    if os.name != "posix" or not Path("/dev").is_dir():
+        return True  # no cheap test: ask torch
+    return any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg"))
+
+
+def _triton_unavailable(device: str) -> str | None:
+    """Why the Triton pixel-stage kernel cannot run on ``device`` (``auto``, ``cuda``, ``cpu``...), or None.
+
+    The answer starts with the backends that can run instead."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None  # Triton's interpreter runs the kernel on CPU tensors (tests)
+    if device.partition(":")[0] not in ("auto", "cuda"):
+        return f"auto | torch | numba; triton needs a CUDA device, and device={device}"
+    if not _cuda_device_files():
+        return f"auto | torch | numba; triton needs a CUDA device, this machine has none (device={device})"
+    import torch  # only here: a config that asks for triton on a machine with a GPU
+
+    if not torch.cuda.is_available():
+        return f"auto | torch | numba; triton needs a CUDA device, and torch sees none (device={device})"
+    if importlib.util.find_spec("triton") is None:
+        return "auto | torch; triton is not installed (pip install triton)"
+    return None
 
 
 def _sub(kind: type, value: Mapping[str, Any] | None, name: str):

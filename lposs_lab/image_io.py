@@ -7,16 +7,16 @@ Everything a user may hand in (a path, a PIL image in any mode, a numpy array, a
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import sys
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
+from .inputs import check_image_path
 
-__all__ = ["ImageError", "load_image", "to_rgb_uint8"]
+__all__ = ["ImageError", "check_image_path", "load_image", "to_rgb_uint8"]
 
 
 def _pil_to_rgb(img: Image.Image) -> np.ndarray:
@@ -87,7 +87,7 @@ def to_rgb_uint8(image: Any) -> np.ndarray:
             arr = _pil_to_rgb(image)
         except OSError as exc:
             raise ImageError(f"cannot decode image: {exc}") from None
-    elif isinstance(image, torch.Tensor):
+    elif _is_tensor(image):
         arr = _array_to_rgb(image.detach().cpu().numpy())
     elif isinstance(image, np.ndarray):
         arr = _array_to_rgb(image)
@@ -100,15 +100,15 @@ def to_rgb_uint8(image: Any) -> np.ndarray:
     return arr
 
 
+def _is_tensor(value: Any) -> bool:
+    # torch is imported only by callers that have tensors: without it loaded, nothing is a tensor
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file to ``[H, W, 3]`` uint8 RGB, or raise :class:`ImageError` in one line."""
-    p = Path(path)
-    if not p.exists():
-        raise ImageError(f"image not found: {p}")
-    if p.is_dir():
-        raise ImageError(f"image path is a directory, not a file: {p}")
-    if p.stat().st_size == 0:
-        raise ImageError(f"image file is empty: {p}")
+    p = check_image_path(path)
     try:
         with Image.open(p) as img:
             img.load()

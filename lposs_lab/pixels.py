@@ -1,4 +1,4 @@
-"""Label propagation over pixels (LPOSS+, SPEC §4).
+"""Label propagation over pixels (LPOSS+, docs/method.md §4).
 
 The pixel graph is a fixed ``r x r`` stencil: for each of the ``(r*r - 1) / 2`` "forward" offsets
 we keep one weight plane ``[H, W]`` (the edge to the pixel at that offset), the reverse edge being
@@ -73,7 +73,7 @@ def rgb_to_lab(image: Tensor) -> Tensor:
 
 
 def lab_features(image: Tensor) -> Tensor:
-    """The pixel feature of SPEC §4: Lab divided by ``(100, 128, 128)``. ``[3, H, W] -> [3, H, W]``."""
+    """The pixel feature of docs/method.md §4: Lab over ``(100, 128, 128)``. ``[3, H, W] -> [3, H, W]``."""
     lab = rgb_to_lab(image)
     return torch.stack([lab[i] / LAB_SCALE[i] for i in range(3)])
 
@@ -202,7 +202,7 @@ def refine_pixels(
     backend: str = _PX.backend,
     max_bytes: int = _PX.max_bytes,
 ) -> Tensor:
-    """LPOSS+: propagate per-pixel class scores over the pixel graph (SPEC §4).
+    """LPOSS+: propagate per-pixel class scores over the pixel graph (docs/method.md §4).
 
     Solves ``(I - alpha S_hat) X = Y`` for all classes by ``max_iter`` steps of batched conjugate
     gradient from zero, classes in chunks when ``C x H x W`` would exceed ``max_bytes``.
@@ -285,7 +285,7 @@ def pixel_features(image: Tensor, depth: Tensor | None, feature: str, *, depth_w
 def pixel_stage(
     image: Tensor, scores: Tensor, config: PixelConfig, *, features: Tensor | None = None
 ) -> Tensor:
-    """The LPOSS+ pixel stage with the hyperparameters of ``config`` (SPEC §4).
+    """The LPOSS+ pixel stage with the hyperparameters of ``config`` (docs/method.md §4).
 
     The one call shared by :meth:`lposs_lab.LPOSS.propagate` and :func:`lposs_lab.refine`, so both
     run exactly the same computation. ``config.enabled``, ``feature``, ``depth_model`` and

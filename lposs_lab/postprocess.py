@@ -1,6 +1,6 @@
 """Post-processing of dense class scores: PAMR, and abstaining (unknown / background) by probability.
 
-Both follow PREDICTORS.md §6 (the initial predictors' own protocols) and work on any scores, from
+Both follow docs/predictors.md §6 (the initial predictors' own protocols) and work on any scores, from
 :class:`lposs_lab.LPOSS`, :func:`lposs_lab.refine` or another segmenter.
 """
 
@@ -77,7 +77,8 @@ def pamr(
     iterations: int = 10,
     dilations: Sequence[int] = (8, 16),
 ) -> Tensor:
-    r"""Pixel-adaptive mask refinement (PAMR, Araslanov & Roth 2020) as NACLIP uses it (PREDICTORS.md §6).
+    r"""Pixel-adaptive mask refinement (PAMR, Araslanov & Roth 2020) as NACLIP uses it
+    (docs/predictors.md §6).
 
     For each pixel ``p`` and neighbour ``n = p + d * delta`` (``delta`` in the 8 directions, ``d`` in
     ``dilations``; replicate padding), with ``sigma_p[k]`` the unbiased standard deviation of channel
@@ -135,7 +136,7 @@ def _weighted_neighbour_sum(m: Tensor, weights: Tensor, dilations: Sequence[int]
 
 @dataclass(frozen=True)
 class PAMRStep:
-    """PAMR as a post-processing step of :meth:`lposs_lab.LPOSS.predict` (NACLIP, PREDICTORS.md §6).
+    """PAMR as a post-processing step of :meth:`lposs_lab.LPOSS.predict` (NACLIP, docs/predictors.md §6).
 
     Called with the predictor's resized input image ``[3, h, w]`` in ``[0, 1]`` and the per-name scores
     ``[Q, H, W]`` at the original size; the guide is that input CLIP-normalised (OpenAI mean/std) and
@@ -169,11 +170,11 @@ class Abstain:
     """Abstain where no class is probable enough (the methods' ``prob_thd`` / ``area_thd``).
 
     Probabilities are ``softmax(logit_scale * scores)`` over **all names** (synonyms as separate
-    columns), then the max over each class's names (PREDICTORS.md §6, in that order).
+    columns), then the max over each class's names (docs/predictors.md §6, in that order).
 
     Attributes:
         threshold: pixels whose top class probability is below it abstain (``prob_thd``).
-        logit_scale: temperature of the softmax. Default 40, the most common choice of PREDICTORS.md
+        logit_scale: temperature of the softmax. Default 40, the most common choice of docs/predictors.md
             (SCLIP, NACLIP, ProxyCLIP, SC-CLIP; ClearCLIP uses 50). Those methods tuned it on raw CLIP
             cosines; LPOSS / LPOSS+ scores are propagated, ``(I - alpha S)^-1``-like sums whose
             spread differs from cosines, so calibrate ``logit_scale`` and ``threshold`` for them.
@@ -255,7 +256,7 @@ def abstain(
 ) -> Tensor:
     """Labels with abstention: :data:`UNKNOWN` (or ``rule.background``) where no class is probable.
 
-    PREDICTORS.md §6 order: probabilities ``softmax_Q(logit_scale * scores)`` over all names, a
+    docs/predictors.md §6 order: probabilities ``softmax_Q(logit_scale * scores)`` over all names, a
     class's probability is the max over its names; the area filter (if set); the label is the argmax
     (or ``labels`` when given, the predictor's own, except at the pixels of area-filtered classes);
     pixels whose top probability is below ``rule.threshold`` abstain.

@@ -1,4 +1,4 @@
-"""The user-facing predictor: one image and a list of class names in, a label map out (SPEC §0-5)."""
+"""The user-facing predictor: an image and a list of class names in, a label map out (docs/method.md §0-5)."""
 
 from __future__ import annotations
 
@@ -261,7 +261,7 @@ class LPOSS:
     # ------------------------------------------------------------------ stages
     @torch.inference_mode()
     def extract(self, image: Any, window: WindowConfig | None = None) -> ImageFeatures:
-        """Decode, resize and encode an image: per-window VM and VLM features (SPEC §1-2)."""
+        """Decode, resize and encode an image: per-window VM and VLM features (docs/method.md §1-2)."""
         win = window or self.config.window
         img, original_size = resized_image_tensor(
             image, short_side=win.short_side, long_side=win.long_side, device=self.device
@@ -349,7 +349,7 @@ class LPOSS:
             image_id: the image's id in its dataset: features come from :attr:`feature_cache` when set.
             abstain: optional :class:`lposs_lab.Abstain` rule (off by default: labels as the paper).
                 The per-name scores are resized to the input size, ``softmax(logit_scale * .)`` is
-                taken over all names, then the max over each class's synonyms (PREDICTORS.md §6);
+                taken over all names, then the max over each class's synonyms (docs/predictors.md §6);
                 pixels whose top probability is below ``abstain.threshold`` get
                 :data:`lposs_lab.UNKNOWN` (255) or ``abstain.background``. Elsewhere the labels are
                 the ones without the rule (but for area-filtered classes, see :func:`lposs_lab.abstain`).

@@ -1,4 +1,4 @@
-"""Label propagation over patches (LPOSS, SPEC §3) and the batched conjugate gradient it shares
+"""Label propagation over patches (LPOSS, docs/method.md §3) and the batched conjugate gradient it shares
 with the pixel stage.
 
 All functions are pure, run on the device of their inputs and work in float32.

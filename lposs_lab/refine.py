@@ -4,13 +4,14 @@
 closed-set network, LPOSS itself) and runs exactly the computation the :class:`lposs_lab.LPOSS`
 predictor runs after its patch stage:
 
-1. the image is decoded and resized as SPEC §1 (short side 448, long side <= 2048, OpenCV bilinear
+1. the image is decoded and resized as docs/method.md §1 (short side 448, long side <= 2048, OpenCV bilinear
    on uint8, then ``/ 255``);
 2. the scores are resized bilinearly (``align_corners=False``) to that resized image, as the
-   stitched patch scores are before the pixel stage (SPEC §3-4);
-3. the pixel stage (SPEC §4) through :func:`lposs_lab.pixels.pixel_stage`, the call the predictor
+   stitched patch scores are before the pixel stage (docs/method.md §3-4);
+3. the pixel stage (docs/method.md §4) through :func:`lposs_lab.pixels.pixel_stage`, the call the predictor
    makes, so the two are the same computation;
-4. bilinear resize to the input image's size and argmax (SPEC §5, :func:`lposs_lab.windows.resize_argmax`).
+4. bilinear resize to the input image's size and argmax (docs/method.md §5,
+   :func:`lposs_lab.windows.resize_argmax`).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class Refinement:
 
     Attributes:
         labels: ``[H, W]`` int64 argmax labels at the input image's size.
-        low_res_scores: ``[C, h, w]`` float32 refined scores at the resized image's size (SPEC §1).
+        low_res_scores: ``[C, h, w]`` float32 refined scores at the resized image's size (docs/method.md §1).
         image_size: ``(H, W)`` of the input image.
     """
 
@@ -115,7 +116,7 @@ def _patch_stage(
     lp: LPConfig,
     device: torch.device,
 ) -> Tensor:
-    """Patch scores (``[C, gh, gw]`` or ``[N, C]``) through SPEC §3 -> ``[C, gh, gw]`` grid."""
+    """Patch scores (``[C, gh, gw]`` or ``[N, C]``) through docs/method.md §3 -> ``[C, gh, gw]`` grid."""
     feats = _as_float_tensor(patch_features, "patch_features", device)
     if feats.ndim == 3:
         gh, gw, _ = feats.shape
@@ -216,12 +217,12 @@ def refine(
 ) -> Refinement:
     r"""Refine class scores of any segmenter with LPOSS+'s pixel-level label propagation.
 
-    The image is resized as SPEC §1, the scores are resized bilinearly (``align_corners=False``) to
-    it, propagated over the pixel graph (SPEC §4) exactly as :class:`lposs_lab.LPOSS` does, then
-    resized to the input image's size and argmaxed (SPEC §5). The pixel-stage defaults are those of
+    The image is resized as docs/method.md §1, the scores are resized bilinearly (``align_corners=False``) to
+    it, propagated over the pixel graph (docs/method.md §4) exactly as :class:`lposs_lab.LPOSS` does, then
+    resized to the input image's size and argmaxed (docs/method.md §5). The pixel-stage defaults are those of
     :class:`lposs_lab.PixelConfig` (the paper's: ``r=13, tau=0.01, alpha=0.95, max_iter=10``).
 
-    With ``patch_features`` the patch stage (SPEC §3, LPOSS) runs first, on a single patch grid
+    With ``patch_features`` the patch stage (docs/method.md §3, LPOSS) runs first, on a single patch grid
     covering the whole image (as the predictor's no-window variant): ``scores`` are then patch
     scores, ``[C, gh, gw]`` (or ``[N, C]`` with ``patch_features`` ``[gh, gw, D]``), and the
     propagated grid is resized bilinearly to the resized image before the pixel stage.
@@ -229,7 +230,7 @@ def refine(
     With ``vm`` (a VM name such as ``"dino_b16"`` or a VM module) the patch stage runs on that VM's
     features over the predictor's sliding windows (``window = (size, stride)``, ``(0, 0)``: the whole
     image): ``scores`` are resized to the resized image, averaged over each window's patches
-    (``adaptive_avg_pool2d``, ours), propagated over one joint graph (SPEC §3) and stitched back as
+    (``adaptive_avg_pool2d``, ours), propagated over one joint graph (docs/method.md §3) and stitched back as
     the predictor does, then refined by the pixel stage.
 
     Args:
@@ -254,7 +255,7 @@ def refine(
             module (``[B, 3, h, w] -> [B, gh, gw, D]`` with ``patch_size``; moved to ``device``):
             run the patch stage on its features first. Not with ``patch_features``.
         window: ``(size, stride)`` of the VM windows (with ``vm`` only); ``(0, 0)``: no windows.
-        short_side, long_side: the resize of SPEC §1.
+        short_side, long_side: the resize of docs/method.md §1.
         device: where to compute (``"cpu"``, ``"cuda"``, ``"auto"``...). Default: the device of
             ``scores`` for a tensor, the CPU for a numpy array.
 

@@ -1,4 +1,4 @@
-"""Class names -> synonyms -> prompt-ensembled CLIP text embeddings (SPEC §0 and §2, Text).
+"""Class names -> synonyms -> prompt-ensembled CLIP text embeddings (docs/method.md §0 and §2, Text).
 
 For each synonym: format the 80 ImageNet templates, encode, L2-normalise each, average, L2-normalise.
 Embeddings are cached per synonym in memory (key: the VLM's ``weights_id``, the templates, the synonym)
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import ConfigError
 from .files import atomic_write
+from .inputs import parse_classes, split_synonyms
 
 __all__ = [
     "IMAGENET_TEMPLATES",
@@ -39,13 +39,13 @@ def default_text_cache_dir() -> Path:
 
 
 def _openai_templates() -> tuple[str, ...]:
-    # open_clip ships the 80 templates as callables; SPEC section 2's list is the same, in the same order.
+    # open_clip ships the 80 templates as callables; docs/method.md §2's list is the same, in the same order.
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
     return tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
 
 
-#: The 80 ImageNet prompt templates of SPEC section 2 (each holds one ``{}`` for the class name).
+#: The 80 ImageNet prompt templates of docs/method.md §2 (each holds one ``{}`` for the class name).
 IMAGENET_TEMPLATES: tuple[str, ...] = _openai_templates()
 
 
@@ -55,73 +55,6 @@ class TextEncoder(Protocol):
     weights_id: str
 
     def encode_text(self, texts: Sequence[str]) -> Tensor: ...
-
-
-def parse_classes(value: str | Sequence[str] | None) -> list[str]:
-    """The one class-list parser: ``"cat,dog;puppy,sky"`` or a sequence -> ``["cat", "dog;puppy", "sky"]``.
-
-    ``,`` separates classes and ``;`` synonyms of one class; names are stripped. A missing or empty list,
-    a blank class and two classes with the same (first) name (the second could never win the argmax) are
-    :class:`lposs_lab.errors.ConfigError` with a one-line message. Synonyms may overlap other classes (the
-    published COCO-Object background list holds "bed", also a class of its own).
-    """
-    example = 'pass classes="cat,dog;puppy,sky" (\',\' between classes, \';\' between synonyms)'
-    if value is None:
-        raise ConfigError(f"no classes given: {example}")
-    if isinstance(value, str):
-        items = value.split(",")
-    elif isinstance(value, Sequence):
-        items = [str(v) for v in value if v is not None]
-    else:
-        raise ConfigError(f"classes must be a string like \"cat,dog;puppy\" or a list, got {value!r}")
-    classes = [";".join(part.strip() for part in str(c).split(";")).strip(";").strip() for c in items]
-    if not classes or all(not c.replace(";", "").strip() for c in classes):
-        raise ConfigError(f"the class list is empty: {example}")
-    blank = [i for i, c in enumerate(classes) if not c.replace(";", "").strip()]
-    if blank:
-        raise ConfigError(f"class {blank[0] + 1} of {len(classes)} is blank in {value!r}: {example}")
-    seen: dict[str, int] = {}
-    for index, name in enumerate(classes):
-        key = name.split(";")[0].strip().casefold()
-        if key in seen:
-            raise ConfigError(
-                f"class {name.split(';')[0].strip()!r} is given twice "
-                f"(classes {seen[key] + 1} and {index + 1} "
-                f"of {value!r}); the second could never win: name each class once, with ';' for synonyms"
-            )
-        seen[key] = index
-    return classes
-
-
-def split_synonyms(classes: Sequence[str]) -> tuple[list[str], list[int]]:
-    """Split class names on ``;`` into synonyms.
-
-    Args:
-        classes: C class names; ``"sky;wall;tree"`` holds three synonyms.
-
-    Returns:
-        ``(synonyms, owner)``: the flattened, stripped, non-empty synonyms (T of them) and, for each, the
-        index of its class in ``classes``.
-
-    Raises:
-        ValueError: a class has no non-empty synonym, or ``classes`` is a bare string or empty.
-    """
-    if isinstance(classes, str):
-        raise ValueError("classes must be a sequence of class names, not a single string")
-    if len(classes) == 0:
-        raise ValueError("classes is empty; pass at least one class name")
-    synonyms: list[str] = []
-    owner: list[int] = []
-    for index, name in enumerate(classes):
-        if not isinstance(name, str):
-            raise ValueError(f"class {index} is not a string: {name!r}")
-        parts = [p.strip() for p in name.split(";")]
-        parts = [p for p in parts if p]
-        if not parts:
-            raise ValueError(f"class {index} ({name!r}) has no non-empty name; give a name or 'a;b' synonyms")
-        synonyms.extend(parts)
-        owner.extend([index] * len(parts))
-    return synonyms, owner
 
 
 def _check_templates(templates: Sequence[str]) -> tuple[str, ...]:

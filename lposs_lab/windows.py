@@ -1,4 +1,4 @@
-"""Resize, sliding-window geometry and the stitching of per-window scores (SPEC §1, §3, §5)."""
+"""Resize, sliding-window geometry and the stitching of per-window scores (docs/method.md §1, §3, §5)."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def resized_image_tensor(
     long_side: int = 2048,
     device: torch.device | str = "cpu",
 ) -> tuple[Tensor, tuple[int, int]]:
-    """Decode any image input and resize it as SPEC §1 does: the predictor's (and refine's) input.
+    """Decode any image input and resize it as docs/method.md §1 does: the predictor's (and refine's) input.
 
     Args:
         image: any input :func:`lposs_lab.image_io.to_rgb_uint8` accepts.

@@ -113,7 +113,7 @@ def neighbourhood_from_features(
     spatial: str = _PX.spatial,
     sigma_s: float = _PX.sigma_s,
 ) -> tuple[np.ndarray, int]:
-    """The normalised pixel graph ``S_hat`` of SPEC §4 as a pixel-major neighbourhood.
+    """The normalised pixel graph ``S_hat`` of docs/method.md §4 as a pixel-major neighbourhood.
 
     Args:
         features: ``[F, H, W]`` pixel features on the CPU.

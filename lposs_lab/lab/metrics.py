@@ -1,4 +1,4 @@
-"""Segmentation metrics (SPEC section 7) as torchmetrics ``Metric``s whose states sum across DDP processes.
+"""Segmentation metrics (docs/method.md §7) as torchmetrics ``Metric``s whose states sum across DDP processes.
 
 - :class:`SegmentationIoU`: per-class intersection and union accumulated over a split; mIoU is the mean over
   classes with a non-zero union. Pixels whose target is the ignore index are not counted.
@@ -213,7 +213,7 @@ def boundary_band(masks: Tensor, iterations: int) -> Tensor:
 
 
 class BoundaryIoU(_CountMetric):
-    """Boundary IoU accumulated over a split (SPEC section 7).
+    """Boundary IoU accumulated over a split (docs/method.md §7).
 
     Per image and per class present in the ground truth or the prediction, the GT band and the predicted band
     (see :func:`boundary_band`) are intersected and united; counts are summed over the split per class.

@@ -2,7 +2,7 @@
 
 Runs are results dicts (``results.json`` of ``task=evaluate``). A table has one row per configuration, one
 column per dataset in the paper's order, then ``Avg`` (when a row covers all 8 datasets) and ``Paper Avg``;
-rows that are the paper's default setting get a ``paper`` row with SPEC section 6's numbers under them, and
+rows that are the paper's default setting get a ``paper`` row with docs/method.md §6's numbers under them, and
 rows whose ``report.paper`` maps datasets to published numbers (``conf/experiment/own_*.yaml``) get a
 ``published`` row.
 """

@@ -1,4 +1,4 @@
-"""Training-free CLIP dense features (PREDICTORS.md §0-§3): shared trunk, SCLIP, ClearCLIP, NACLIP.
+"""Training-free CLIP dense features (docs/predictors.md §0-§3): shared trunk, SCLIP, ClearCLIP, NACLIP.
 
 Everything is an explicit function over an open_clip ``CLIP`` vision tower's own weights (no hooks):
 

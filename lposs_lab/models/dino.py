@@ -1,6 +1,6 @@
 """Value features of the last self-attention block of a timm Vision Transformer (DINO, DINOv2).
 
-SPEC §2, VM: ImageNet mean/std normalisation, run the ViT, take the ``v`` third of the last block's
+docs/method.md §2, VM: ImageNet mean/std normalisation, run the ViT, take the ``v`` third of the last block's
 qkv projection (all heads concatenated, bias included) for the patch tokens, L2-normalise.
 
 The whole path is written out over the model's own weights (patch embedding, position embedding,
@@ -68,7 +68,7 @@ class ViTValueEncoder(nn.Module):
         pos_embed_antialias: passed to ``resample_abs_pos_embed`` (timm's dynamic-size default: True;
             only matters when the grid is smaller than the model's native one, e.g. DINOv2 at 224).
         pos_embed_mode: ``"timm"`` (default: timm's size-based resample) or ``"dino"`` (DINO's hub code:
-            bicubic with scale factor ``(g + 0.1) / g0``, PREDICTORS.md §4, used by ProxyCLIP's VFM).
+            bicubic with scale factor ``(g + 0.1) / g0``, docs/predictors.md §4, used by ProxyCLIP's VFM).
             Both leave the native grid (224 windows for patch 16) untouched.
 
     Attributes:

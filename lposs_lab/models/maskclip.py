@@ -1,6 +1,6 @@
 """MaskCLIP dense features and text embeddings on an open_clip ``CLIP`` model.
 
-SPEC §2, VLM: OpenAI CLIP mean/std; positional embedding's patch part resized bicubically
+docs/method.md §2, VLM: OpenAI CLIP mean/std; positional embedding's patch part resized bicubically
 (``align_corners=False``) to the patch grid (CLS position kept); all blocks but the last; then the last
 block's value path only: ``y = ln_1(x)``, ``v = out_proj(V_proj(y))``, ``v = v + x``,
 ``v = v + mlp(ln_2(v))``; ``ln_post``, drop CLS, ``@ proj``, L2-normalise.

@@ -1,10 +1,10 @@
 """Positional-embedding resampling by scale factor, as the official CLIP-dense and DINO hub code does it.
 
-PREDICTORS.md §0 **(code)**: for a patch grid ``g_h x g_w`` other than the native ``g0_h x g0_w``, the
+docs/predictors.md §0 **(code)**: for a patch grid ``g_h x g_w`` other than the native ``g0_h x g0_w``, the
 prefix rows are kept and the patch rows are resampled bicubically (``a = -0.75``,
 ``align_corners=False``) with scale factors ``((g_h + 0.1) / g0_h, (g_w + 0.1) / g0_w)`` used as the
 sampling ratio: source coordinate ``(i + 0.5) * g0 / (g + 0.1) - 0.5``. This differs slightly from a
-size-based resize (ratio ``g0 / g``, SPEC §2 / MaskCLIP) whenever ``g != g0``.
+size-based resize (ratio ``g0 / g``, docs/method.md §2 / MaskCLIP) whenever ``g != g0``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ProxyCLIP dense features (PREDICTORS.md §4): CLIP values mixed by a VFM's (DINO's) token similarities.
+"""ProxyCLIP dense features (docs/predictors.md §4): CLIP values mixed by a VFM's (DINO's) token similarities.
 
 Per window: ``S = P̂ P̂^T`` over the VFM's final-normed output tokens ``P`` (CLS dropped, rows
 L2-normalised); ``μ`` = mean of all ``M^2`` entries of ``S``; ``L = γ (S − β μ)`` (β = 1.2, γ = 3);

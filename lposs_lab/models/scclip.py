@@ -1,4 +1,4 @@
-"""SC-CLIP dense features (PREDICTORS.md §5), every statistic computed per window.
+"""SC-CLIP dense features (docs/predictors.md §5), every statistic computed per window.
 
 ``B_i`` is the output of block ``i`` (1-based, residual stream, CLS first). Per window:
 

@@ -1,4 +1,4 @@
-"""Metrics against hand-computed values and an independent scipy reference (SPEC section 7)."""
+"""Metrics against hand-computed values and an independent scipy reference (docs/method.md §7)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Initial predictors beyond MaskCLIP in the lab: each method's own protocol (``experiment=own_*``) and LPOSS
 over it (``experiment=over_predictor``).
 
-The resolved per-dataset values are checked against PREDICTORS.md §1-§7 (written out below, not read from the
-configs); the evaluations run in-process on tiny random models and a synthetic set, and their numbers are the
-library's (``LPOSS`` built from the dataclasses, scored with numpy), not only finite.
+The resolved per-dataset values are checked against docs/predictors.md §1-§7 (written out below, not read
+from the configs); the evaluations run in-process on tiny random models and a synthetic set, and their numbers
+are the library's (``LPOSS`` built from the dataclasses, scored with numpy), not only finite.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ DATASETS = ("voc", "voc20", "context", "context59", "coco_object", "coco_stuff",
 BACKGROUND = ("voc", "context", "coco_object")  # the sets with a background class (prob_thd / area_thd)
 PREDICTORS = ("sclip", "clearclip", "naclip", "proxyclip", "scclip")
 
-# PREDICTORS.md §1-§6, per method: (short side, (window, stride), logit scale, prob_thd, area_thd); a dict
-# holds the per-dataset exceptions over "default"; prob_thd / area_thd absent: off (None)
+# docs/predictors.md §1-§6, per method: (short side, (window, stride), logit scale, prob_thd, area_thd); a
+# dict holds the per-dataset exceptions over "default"; prob_thd / area_thd absent: off (None)
 PROTOCOLS = {
     "own_sclip": dict(
         vlm="sclip_b16", postprocess="none",
@@ -213,7 +213,7 @@ def test_report_rows_are_named_by_predictor_and_method_and_published_rows_sit_be
     sweep = [_result("voc", 1.0 + k, method="lposs", overrides=[f"lp.k={k}"], config={"report": {"row": "R"}})
              for k in (2, 4)]
     assert [label for label, _ in results_table(sweep).rows] == ["R [lp.k=2]", "R [lp.k=4]"]
-    # own protocol: a "published" row with PREDICTORS.md §7's numbers, Paper Avg = report.paper_avg
+    # own protocol: a "published" row with docs/predictors.md §7's numbers, Paper Avg = report.paper_avg
     want = PROTOCOLS["own_scclip"]
     paper = dict(zip(DATASETS, want["paper"], strict=True))
     rep = {"row": "SC-CLIP (own protocol)", "table": "own_predictors", "paper_avg": 43.9, "paper": paper}

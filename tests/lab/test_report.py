@@ -44,7 +44,7 @@ def test_table_has_paper_layout_and_paper_numbers_beside_ours():
     rows = _rows(text)
     assert [r[0] for r in rows] == ["LPOSS+", "paper (Table 1)", "448/224"]
     assert rows[0][1:10] == [f"{50.0 + i:.1f}" for i in range(8)] + ["53.5"]
-    assert rows[0][10] == "42.1"  # the paper's LPOSS+ average (SPEC section 6)
+    assert rows[0][10] == "42.1"  # the paper's LPOSS+ average (docs/method.md §6)
     assert rows[1][1] == f"{PAPER['mIoU']['lposs_plus']['voc']:.1f}" and rows[1][9] == "42.1"
     assert rows[2][9:11] == ["40.0", "40.8"]
 

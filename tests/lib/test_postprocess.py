@@ -1,4 +1,4 @@
-"""PAMR (PREDICTORS.md §6) against an independent float64 numpy reference written from the text."""
+"""PAMR (docs/predictors.md §6) against an independent float64 numpy reference written from the text."""
 
 import numpy as np
 import pytest
@@ -10,7 +10,7 @@ from lposs_lab import pamr
 
 
 def ref_pamr(image: np.ndarray, scores: np.ndarray, iterations=10, dilations=(8, 16)) -> np.ndarray:
-    """Pixel by pixel, from PREDICTORS.md §6: neighbours p + d*delta with coordinates clamped (replicate)."""
+    """Pixel by pixel, from docs/predictors.md §6: neighbours p + d*delta, coordinates clamped (replicate)."""
     img = np.asarray(image, dtype=np.float64)
     m = np.asarray(scores, dtype=np.float64)
     k, h, w = img.shape

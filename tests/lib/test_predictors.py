@@ -1,6 +1,6 @@
-"""Dense CLIP predictors (PREDICTORS.md): the library against an independent float64 reference.
+"""Dense CLIP predictors (docs/predictors.md): the library against an independent float64 reference.
 
-The reference below is written from PREDICTORS.md §0-§5 in plain float64 torch over the models' state
+The reference below is written from docs/predictors.md §0-§5 in plain float64 torch over the models' state
 dicts (hand-written LayerNorm, softmax, attention, QuickGELU/GELU, bicubic and bilinear resampling
 matrices); it calls nothing from ``lposs_lab``. Tiny random models are jittered (tests/model_fixtures.py)
 so zero biases and unit LayerNorms matter.

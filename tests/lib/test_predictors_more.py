@@ -1,4 +1,4 @@
-"""Dense CLIP predictors: PREDICTORS.md §8 invariants, batching, checkpoints, registry, LPOSS end to end."""
+"""Dense CLIP predictors: docs/predictors.md §8 invariants, batching, checkpoints, registry, LPOSS on top."""
 
 from __future__ import annotations
 

@@ -30,7 +30,8 @@ __all__ = ["scores_by_hand"]
 def scores_by_hand(
     model: Any, config: LPOSSConfig, method: str, image: Any, classes: Sequence[str]
 ) -> Tensor:
-    """``[C, h, w]`` scores before the final resize, as SPEC §2-5 compose them for ``config``/``method``."""
+    """``[C, h, w]`` scores before the final resize, as docs/method.md §2-5 compose them for ``config`` and
+    ``method``."""
     names = parse_classes(classes)
     synonyms, owner = split_synonyms(names)
     text = text_embeddings(model.vlm, synonyms).float()

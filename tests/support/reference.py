@@ -1,6 +1,6 @@
-"""An independent float64 reference of SPEC §3-4, written with numpy/scipy for the tests only.
+"""An independent float64 reference of docs/method.md §3-4, written with numpy/scipy for the tests only.
 
-It follows the text of SPEC.md directly: a dense kNN, an explicit scipy sparse graph, and one
+It follows the text of docs/method.md directly: a dense kNN, an explicit scipy sparse graph, and one
 ``scipy.sparse.linalg.cg`` solve per class column (as the published code does).
 """
 

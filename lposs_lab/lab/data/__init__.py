@@ -11,8 +11,10 @@ from .benchmarks import (
     reduce_zero_label,
     resolve_root,
 )
-from .dataset import SegmentationDataset, collate_samples
-from .index import build_index
+
+# the dataset (torch) and the file index (HF datasets) are imported on first use (PEP 562), so that the
+# command line can look a benchmark folder up before any heavy import
+_LAZY = {"SegmentationDataset": "dataset", "collate_samples": "dataset", "build_index": "index"}
 
 __all__ = [
     "BENCHMARKS",
@@ -28,3 +30,11 @@ __all__ = [
     "reduce_zero_label",
     "resolve_root",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)

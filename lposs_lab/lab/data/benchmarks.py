@@ -1,7 +1,7 @@
 """The 8 open-vocabulary segmentation benchmarks (MMSegmentation layout) and a dataset reading them.
 
 The facts about each benchmark (class names with ``;`` synonyms, folders, suffixes, split file,
-``reduce_zero_label``) live in ``benchmarks.json`` beside this file; see SPEC section 7.
+``reduce_zero_label``) live in ``benchmarks.json`` beside this file; see docs/method.md §7.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lposs_lab.errors import ConfigError, UserError
-from lposs_lab.image_io import ImageError
+from lposs_lab.errors import ConfigError, ImageError, UserError
 
 __all__ = [
     "BENCHMARKS",
@@ -37,7 +36,7 @@ class DatasetError(UserError, ValueError):
     """A benchmark folder that cannot be used; the message is one line naming the problem and the fix."""
 
 
-#: benchmarks whose class 0 is "background" (PREDICTORS.md §6: the sets that use prob_thd / area_thd)
+#: benchmarks whose class 0 is "background" (docs/predictors.md §6: the sets that use prob_thd / area_thd)
 _WITH_BACKGROUND = ("voc", "context", "coco_object")
 
 

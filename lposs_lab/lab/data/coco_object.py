@@ -1,4 +1,4 @@
-"""COCO-Object labels from COCO-Stuff-164k label maps (SPEC section 7).
+"""COCO-Object labels from COCO-Stuff-164k label maps (docs/method.md §7).
 
 The stuffthingmaps PNGs hold 0-based COCO-Stuff ids: things 0..90 (COCO's 91-id space, of which 11 ids are
 unused), stuff 91..181, 255 unlabeled. COCO-Object keeps the 80 real thing ids, in order, as 1..80 and puts

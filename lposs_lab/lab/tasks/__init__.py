@@ -98,7 +98,12 @@ def run_task(cfg: Any) -> Any:
     debug = os.environ.get("LPOSS_DEBUG") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1"
     quiet_third_party(verbose=bool(cfg.get("verbose", False)))
     try:
-        module, func = TASKS[task_name(cfg)].split(":")
+        name = task_name(cfg)
+        if name in ("segment", "evaluate", "refine"):
+            from .precheck import precheck
+
+            precheck(name, cfg)  # the common mistakes, before torch and the task's modules are imported
+        module, func = TASKS[name].split(":")
         return getattr(importlib.import_module(module), func)(cfg)
     except UserError as exc:
         if debug:

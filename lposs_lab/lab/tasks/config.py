@@ -1,6 +1,8 @@
 """The Hydra edge: a resolved run config becomes the library's frozen dataclasses and built objects.
 
-This module and the task modules beside it are the only code that reads an OmegaConf config.
+This module and the task modules beside it are the only code that reads an OmegaConf config. Importing it
+needs no torch (the predictor, post-processing and cache modules are imported where used), so
+:mod:`~lposs_lab.lab.tasks.precheck` can check a run's config, paths and outputs within a second or two.
 """
 
 from __future__ import annotations
@@ -8,17 +10,19 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from lposs_lab.config import LPOSSConfig
 from lposs_lab.errors import ConfigError, OutputError
-from lposs_lab.postprocess import Abstain, PAMRStep
-from lposs_lab.predictor import LPOSS, VLM_AS_VM
 
-from ..cache import FeatureCacheSpec
+if TYPE_CHECKING:
+    from lposs_lab.postprocess import Abstain, PAMRStep
+    from lposs_lab.predictor import LPOSS
+
+    from ..cache import FeatureCacheSpec
 
 __all__ = [
     "lposs_config",
@@ -87,6 +91,7 @@ def text_cache_dir(cfg: Any) -> str | None:
 def random_init_encoders(config: LPOSSConfig) -> list[str]:
     """``["vm=NAME", ...]``: the encoders of ``config`` without trained weights (outputs say so)."""
     from lposs_lab.models.registry import has_trained_weights  # timm/open_clip: only when asked
+    from lposs_lab.predictor import VLM_AS_VM
 
     out = []
     for kind in ("vm", "vlm"):
@@ -100,6 +105,8 @@ def random_init_encoders(config: LPOSSConfig) -> list[str]:
 
 def build_predictor(cfg: DictConfig) -> LPOSS:
     """The predictor a resolved run config describes (encoders built, weights fetched or cached)."""
+    from lposs_lab.predictor import LPOSS
+
     config = lposs_config(cfg)
     return LPOSS.from_config(
         config, method=method_name(cfg, config), text_cache_dir=text_cache_dir(cfg), error_style="hydra"
@@ -155,6 +162,8 @@ def check_output_dir(folder: str | os.PathLike) -> Path:
 
 def cache_spec(cfg: DictConfig, dataset: str) -> FeatureCacheSpec | None:
     """The feature cache a run asks for (``cache.enabled``), or None."""
+    from ..cache import FeatureCacheSpec
+
     section = cfg.get("cache")
     if not section or not section.get("enabled", False):
         return None
@@ -171,6 +180,8 @@ def abstain_rule(cfg: DictConfig, background: int | None = None) -> Abstain | No
 
     ``background``: the class abstaining pixels get (benchmarks with a background class); None: unknown.
     """
+    from lposs_lab.postprocess import Abstain
+
     section = plain(cfg.get("predict")) or {}
     threshold = section.get("unknown_threshold")
     if threshold is None:
@@ -191,5 +202,7 @@ def postprocess_step(cfg: DictConfig) -> PAMRStep | None:
     if name == "none":
         return None
     if name == "pamr":
+        from lposs_lab.postprocess import PAMRStep
+
         return PAMRStep(int(section.get("iterations", 10)), tuple(section.get("dilations", (8, 16))))
     raise ConfigError(f"unknown postprocess {name!r}; valid: none, pamr (e.g. postprocess=pamr)")

@@ -278,7 +278,7 @@ def _refine(
     refiner: str, image: np.ndarray, scores: torch.Tensor, config: Any, device: torch.device
 ) -> torch.Tensor:
     h, w = image.shape[:2]
-    if refiner == "lposs_plus":  # the pixel stage at the resize of window.short_side / long_side (SPEC §1)
+    if refiner == "lposs_plus":  # pixel stage at the window.*_side resize (docs/method.md §1)
         win = config.window
         return refine(
             image,
