@@ -94,8 +94,9 @@ def _wandb_mode(kwargs: dict[str, Any]) -> None:
     if kwargs.get("offline") or mode == "offline":
         kwargs["offline"] = True
     elif mode != "disabled" and not wandb_has_credentials():
+        where = Path(str(kwargs.get("save_dir") or ".")).expanduser().resolve() / "wandb"
         print(
-            "note: no W&B credentials (wandb login / WANDB_API_KEY): logging offline; "
+            f"note: no W&B credentials (wandb login / WANDB_API_KEY): logging offline under {where}; "
             "upload later with `wandb sync`"
         )
         kwargs["offline"] = True
@@ -104,20 +105,29 @@ def _wandb_mode(kwargs: dict[str, Any]) -> None:
 
 
 def build_callbacks(cfg: DictConfig, options: LoggerOptions | None = None) -> list[Any]:
-    """The callbacks of ``cfg.callbacks`` (a ``null`` entry is left out) plus the evaluation report."""
-    from ..callbacks import EvaluationReport
+    """The callbacks of ``cfg.callbacks`` (a ``null`` entry is left out) plus the cache tally and the report.
+
+    Our progress bar is named after the task and dataset (``evaluate voc20``) unless its config names it.
+    """
+    from ..callbacks import EvaluationReport, FeatureCacheTally, ImageProgressBar
 
     out: list[Any] = []
     section = cfg.get("callbacks") or {}
     tr = cfg.get("trainer") or {}
+    dataset = (cfg.get("dataset") or {}).get("name")
+    description = " ".join(str(v) for v in (cfg.get("task") or "evaluate", dataset) if v)
     for name, node in section.items():
         if node is None:
             continue
         if name == "progress_bar" and not tr.get("enable_progress_bar", True):
             continue
-        out.append(instantiate(node))
+        named = isinstance(node, DictConfig) and "description" in node
+        callback = instantiate(node)
+        if isinstance(callback, ImageProgressBar) and not named:
+            callback.description = description
+        out.append(callback)
     log_images = max([int(o.get("log_images", 0)) for o in (options or {}).values()] or [0])
-    out.append(EvaluationReport(log_images=log_images))
+    out += [FeatureCacheTally(), EvaluationReport(log_images=log_images)]
     return out
 
 
@@ -180,9 +190,23 @@ def build_trainer(cfg: DictConfig, *, loggers: list[Any], callbacks: list[Any], 
 
 
 def finish_loggers(loggers: list[Any]) -> None:
-    """Close this run's W&B run, so that the next job of a multirun starts its own."""
-    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
-        import wandb
+    """Close this run's W&B run, so that the next job of a multirun starts its own, and say which folder an
+    offline run went to (with several processes the run lived in rank 0's worker: its newest folder)."""
+    wandb_loggers = [lg for lg in loggers if type(lg).__name__ == "WandbLogger"]
+    if not wandb_loggers:
+        return
+    import wandb
 
-        if wandb.run is not None:
-            wandb.finish()
+    folders: list[Path] = []
+    run = wandb.run
+    if run is not None:
+        if bool(getattr(run, "offline", False)) or run.settings.mode in ("offline", "dryrun"):
+            folders.append(Path(str(getattr(run.settings, "sync_dir", "") or Path(run.dir).parent)))
+        wandb.finish()
+    else:
+        for lg in wandb_loggers:
+            runs = sorted(Path(str(lg.save_dir or ".")).expanduser().glob("wandb/offline-run-*"))
+            if getattr(lg, "_offline", False) and runs:
+                folders.append(runs[-1].resolve())
+    for folder in folders:
+        print(f"note: W&B run written offline to {folder}; upload it with `wandb sync {folder}`")
