@@ -85,6 +85,7 @@ def _run_blocked(code: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a subprocess
 def test_library_imports_and_predicts_without_the_lab_installed():
     # the lab's packages cannot be imported at all, as after `pip install lposs_lab` without [lab]; timm
     # imports wandb by itself when it is there and copes when it is not
