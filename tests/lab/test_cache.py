@@ -21,7 +21,6 @@ from lposs_lab.lab.cache import (
     key_hash,
 )
 from lposs_lab.lab.tasks.config import cache_spec
-from lposs_lab.models import create_vlm, create_vm
 from lposs_lab.predictor import LPOSS
 
 SMALL = WindowConfig(size=32, stride=16, short_side=48, long_side=96)
@@ -29,8 +28,8 @@ CLASSES = ["sky", "tree", "road;street"]
 
 
 @pytest.fixture(scope="module")
-def encoders():
-    return create_vm("tiny_random", pretrained=False), create_vlm("tiny_random", pretrained=False)
+def encoders(tiny_encoders):
+    return tiny_encoders
 
 
 def _model(encoders, vm_is_vlm: bool = False, **cfg) -> LPOSS:

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from lposs_lab.config import PixelConfig
-from lposs_lab.models import create_vlm
 from lposs_lab.text import IMAGENET_TEMPLATES, TextEmbedder, split_synonyms, text_embeddings
 
 # the benchmark facts shipped with the lab hold the 80 templates of the published code as plain data
@@ -34,8 +33,8 @@ class CountingVLM:
 
 
 @pytest.fixture(scope="module")
-def vlm() -> torch.nn.Module:
-    return create_vlm("tiny_random")
+def vlm(tiny_encoders) -> torch.nn.Module:
+    return tiny_encoders[1]
 
 
 def _direct(vlm: torch.nn.Module, synonym: str, templates: Sequence[str]) -> torch.Tensor:
