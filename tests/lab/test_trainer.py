@@ -111,3 +111,22 @@ def test_trainer_spawns_for_several_devices_and_follows_device(tmp_path, capsys)
     assert "3 image(s) left, using 3 process(es) instead of 4" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="trainer.strategy=fsdp is not supported"):
         build_trainer(_cfg(tmp_path, "trainer.strategy=fsdp"), loggers=[], callbacks=[], todo=1)
+
+
+def test_offline_wandb_run_of_a_worker_process_is_named_by_its_folder(tmp_path, no_wandb_credentials, capsys):
+    # with several processes rank 0's worker held the W&B run: this process finds the newest folder it left
+    import wandb
+
+    loggers, _ = build_loggers(_cfg(tmp_path, "logger=wandb"))
+    assert wandb.run is None
+    older = tmp_path / "wandb" / "offline-run-20261201_101010-aaaaaaaa"
+    newer = tmp_path / "wandb" / "offline-run-20261202_090909-bbbbbbbb"
+    for folder in (newer, older):
+        folder.mkdir(parents=True)
+    capsys.readouterr()
+    finish_loggers(loggers)
+    where = newer.resolve()
+    note = f"note: W&B run written offline to {where}; upload it with `wandb sync {where}`\n"
+    assert capsys.readouterr().out == note
+    finish_loggers([])  # no W&B logger: nothing to say
+    assert capsys.readouterr().out == ""
