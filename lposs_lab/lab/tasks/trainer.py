@@ -94,9 +94,10 @@ def _wandb_mode(kwargs: dict[str, Any]) -> None:
     if kwargs.get("offline") or mode == "offline":
         kwargs["offline"] = True
     elif mode != "disabled" and not wandb_has_credentials():
-        where = Path(str(kwargs.get("save_dir") or ".")).expanduser().resolve() / "wandb"
+        save_dir = kwargs.get("save_dir")
+        where = f" under {Path(str(save_dir)).expanduser().resolve() / 'wandb'}" if save_dir else ""
         print(
-            f"note: no W&B credentials (wandb login / WANDB_API_KEY): logging offline under {where}; "
+            f"note: no W&B credentials (wandb login / WANDB_API_KEY): logging offline{where}; "
             "upload later with `wandb sync`"
         )
         kwargs["offline"] = True
@@ -205,8 +206,9 @@ def finish_loggers(loggers: list[Any]) -> None:
         wandb.finish()
     else:
         for lg in wandb_loggers:
-            runs = sorted(Path(str(lg.save_dir or ".")).expanduser().glob("wandb/offline-run-*"))
-            if getattr(lg, "_offline", False) and runs:
-                folders.append(runs[-1].resolve())
+            if not (getattr(lg, "_offline", False) and lg.save_dir):
+                continue
+            runs = sorted(Path(str(lg.save_dir)).expanduser().glob("wandb/offline-run-*"))
+            folders += [runs[-1].resolve()] if runs else []
     for folder in folders:
         print(f"note: W&B run written offline to {folder}; upload it with `wandb sync {folder}`")
