@@ -1,6 +1,7 @@
 # lposs_lab — set-up and checks on a fresh machine.
-#   make demo   create .venv, install, segment the example image into outputs/demo (downloads ~1 GB of weights once)
-#   make test   create .venv with the dev extras, run ruff and pytest
+#   make demo   create .venv, install the lab ('.[lab]'), segment the example image into outputs/demo
+#               (downloads ~1 GB of weights once)
+#   make test   create .venv with the lab, app and test extras ('.[lab,app,dev]'), run ruff and pytest
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -20,12 +21,13 @@ $(VENV)/.torch: | $(BIN)/python
 	$(BIN)/python -m pip install -q $(TORCH)
 	touch $@
 
+# the library alone is `pip install -e .`; run.py needs the lab's extra, the tests every extra
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q -e '.[lab]'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[lab,app,dev]'
 	touch $@
 
 venv: $(BIN)/python

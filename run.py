@@ -8,8 +8,28 @@ command line (a group choice, a key, a value, a path) print one ``error: ...`` l
 in a second or two: they are checked before torch, Lightning or a model is imported.
 """
 
-import hydra
-from omegaconf import DictConfig
+import importlib.util
+import sys
+
+
+def _missing_lab_package() -> str | None:
+    """The first of the lab's packages that is not installed (looked up without importing any)."""
+    for name in ("hydra", "omegaconf", "pytorch_lightning", "torchmetrics", "datasets", "wandb"):
+        try:
+            if importlib.util.find_spec(name) is None:
+                return name
+        except ImportError:
+            return name
+    return None
+
+
+if (_missing := _missing_lab_package()) is not None:  # `pip install lposs_lab` is the library only
+    print(f"error: run.py needs the lab ({_missing} is not installed): pip install 'lposs_lab[lab]'",
+          file=sys.stderr)
+    sys.exit(2)
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

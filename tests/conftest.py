@@ -20,3 +20,14 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.fixture
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def tiny_encoders():
+    """``(vm, vlm)``: the tiny random-init encoders of ``vm=tiny_random vlm=tiny_random``, built once per run.
+
+    Frozen and in eval mode; the tests that share them read them and never change their weights.
+    """
+    from lposs_lab.models import create_vlm, create_vm
+
+    return create_vm("tiny_random", pretrained=False), create_vlm("tiny_random", pretrained=False)

@@ -341,7 +341,8 @@ class FeatureStore:
     """The caches of one dataset for every window setup a predictor asks for (ensembles use several).
 
     Attach it with :func:`attach_feature_cache`; :meth:`LPOSS.predict` then takes features from here when it
-    is given an ``image_id``. ``hits`` and ``misses`` count lookups.
+    is given an ``image_id``. ``hits`` and ``misses`` count lookups (one per window setup of an ensemble);
+    :meth:`tally` counts images.
     """
 
     def __init__(self, root: str | os.PathLike, dataset: str, *, shard_size: int = 8,
@@ -353,6 +354,7 @@ class FeatureStore:
         self.caches: dict[str, FeatureCache] = {}
         self.hits = 0
         self.misses = 0
+        self._from_cache: dict[str, bool] = {}  # image id -> every lookup of it hit
 
     def cache_for(self, model: LPOSS, window: WindowConfig | None = None) -> FeatureCache:
         """The :class:`FeatureCache` of ``model``'s encoders and ``window`` (opened once)."""
@@ -368,13 +370,20 @@ class FeatureStore:
         digest = image_digest(rgb)
         cache = self.cache_for(model, window)
         feats = cache.get(image_id, digest=digest, device=model.device)
+        hit = feats is not None
         if feats is None:
             self.misses += 1
             feats = model.extract(rgb, window)
             cache.put(image_id, feats, digest=digest)
         else:
             self.hits += 1
+        self._from_cache[image_id] = self._from_cache.get(image_id, True) and hit
         return feats
+
+    def tally(self) -> dict[str, int]:
+        """``{"hits": k, "images": n}``: of the ``n`` images looked up, ``k`` came from the cache entirely
+        (every window setup of an ensemble was cached); the others were encoded, in part or in full."""
+        return {"hits": sum(self._from_cache.values()), "images": len(self._from_cache)}
 
     def flush(self) -> None:
         for cache in self.caches.values():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,26 +14,74 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 
 from lposs_lab.files import atomic_write
 
 from .metrics import DILATION_RATIO
 from .records import StateStore, class_display_names, summarize
 
-__all__ = ["ImageProgressBar", "ShareCPUThreads", "EvaluationReport", "write_logger_tables"]
+__all__ = [
+    "ImageProgressBar",
+    "FeatureCacheTally",
+    "ShareCPUThreads",
+    "EvaluationReport",
+    "write_logger_tables",
+]
 
 
 class ImageProgressBar(TQDMProgressBar):
-    """Lightning's TQDM bar counting images: ``img/s`` and the ETA of the test loop."""
+    """Lightning's TQDM bar counting images: ``img/s`` and the ETA of the test loop, named after the run.
+
+    Args:
+        description: the bar's name, e.g. ``"evaluate voc20"`` (the tasks set it from the task and dataset).
+        **kwargs: Lightning's ``TQDMProgressBar`` arguments (``refresh_rate``, ``process_position``...).
+    """
+
+    def __init__(self, description: str = "evaluate", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.description = str(description)
 
     @property
     def test_description(self) -> str:
-        return "Evaluating"
+        return self.description
 
-    def init_test_tqdm(self):
-        bar = super().init_test_tqdm()
-        bar.unit = "img"
-        return bar
+    def init_test_tqdm(self) -> Tqdm:
+        return Tqdm(
+            desc=self.description,
+            unit="img",
+            position=2 * self.process_position,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            bar_format=self.BAR_FORMAT,
+        )
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        # Lightning's would rename the bar "<description> DataLoader <i>"; the lab's runs have one loader
+        if not self.has_dataloader_changed(dataloader_idx):
+            return
+        bar = self.test_progress_bar
+        bar.reset(total=convert_inf(self.total_test_batches_current_dataloader))
+        bar.initial = 0
+        bar.set_description(self.description)
+
+
+class FeatureCacheTally(pl.Callback):
+    """How many of the run's images came from the feature cache: ``cache/hits`` and ``cache/images``.
+
+    Summed over processes into ``trainer.callback_metrics`` (not sent to the loggers) at the end of the test
+    epoch; nothing is logged when the label source has no feature cache (``cache.enabled=false``).
+    """
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        predictor = getattr(getattr(pl_module, "source", None), "predictor", None)
+        store = getattr(predictor, "feature_cache", None)
+        if store is None:
+            return
+        for key, value in store.tally().items():
+            pl_module.log(f"cache/{key}", float(value), reduce_fx="sum", sync_dist=True, logger=False)
 
 
 class ShareCPUThreads(pl.Callback):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +21,6 @@ from lposs_lab.lab.cache import (
     key_hash,
 )
 from lposs_lab.lab.tasks.config import cache_spec
-from lposs_lab.models import create_vlm, create_vm
 from lposs_lab.predictor import LPOSS
 
 SMALL = WindowConfig(size=32, stride=16, short_side=48, long_side=96)
@@ -28,8 +28,8 @@ CLASSES = ["sky", "tree", "road;street"]
 
 
 @pytest.fixture(scope="module")
-def encoders():
-    return create_vm("tiny_random", pretrained=False), create_vlm("tiny_random", pretrained=False)
+def encoders(tiny_encoders):
+    return tiny_encoders
 
 
 def _model(encoders, vm_is_vlm: bool = False, **cfg) -> LPOSS:
@@ -131,6 +131,30 @@ def test_ensemble_uses_one_cache_per_window_setup(encoders, tmp_path):
     hit = model.predict(img, image_id="x").low_res_scores
     assert len(store.caches) == 2 and store.misses == 2 and store.hits == 2
     assert torch.equal(ref, got) and torch.equal(ref, hit)
+    assert store.tally() == {"hits": 0, "images": 1}  # "x" was encoded (its first lookups missed)
+    store.close()
+    again = attach_feature_cache(model, tmp_path, "syn")
+    model.predict(img, image_id="x")
+    assert again.tally() == {"hits": 1, "images": 1}
+
+
+def test_tally_counts_an_image_from_the_cache_only_when_every_window_setup_hit(encoders, tmp_path):
+    imgs = _images(2)
+    single = _model(encoders)  # caches the ensemble's first window setup only
+    attach_feature_cache(single, tmp_path, "syn")
+    single.predict(imgs[0], image_id="a")
+    single.feature_cache.close()
+    ens = _model(encoders, window=replace(SMALL, ensemble=((48, 24),)))
+    store = attach_feature_cache(ens, tmp_path, "syn")
+    for i, im in enumerate(imgs):
+        ens.predict(im, image_id="ab"[i])
+    assert (store.hits, store.misses) == (1, 3)  # lookups: a hits once, misses once; b misses twice
+    assert store.tally() == {"hits": 0, "images": 2}
+    store.close()
+    again = attach_feature_cache(ens, tmp_path, "syn")
+    for i, im in enumerate(imgs):
+        ens.predict(im, image_id="ab"[i])
+    assert again.tally() == {"hits": 2, "images": 2} and again.misses == 0
 
 
 def test_stale_or_colliding_key_is_refused(tmp_path):
@@ -219,3 +243,34 @@ def test_exit_hook_writes_unclosed_caches_and_names_what_it_could_not(encoders, 
     assert str(lost.path) in lines[0] and "2 computed image(s) could not be written" in lines[0]
     lost.path.unlink()
     lost._pending.clear()  # nothing left for the real exit hook
+
+
+def test_evaluation_says_how_many_images_came_from_the_cache_and_names_its_bar(tmp_path, capsys):
+    from hydra import compose, initialize_config_dir
+    from synthetic_data import make_dataset
+
+    from lposs_lab.lab.tasks.evaluate import evaluate
+
+    root = make_dataset(tmp_path / "data", "voc20", n_images=3)
+    conf = Path(__file__).resolve().parents[2] / "conf"
+
+    def run(name: str) -> dict:
+        with initialize_config_dir(version_base="1.3", config_dir=str(conf)):
+            cfg = compose("config", overrides=[
+                f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / name}", "logger=none",
+                "num_workers=0", "dataset=voc20", f"data_root={root}", "vm=tiny_random", "vlm=tiny_random",
+                "device=cpu", "window.short_side=32", "method=lposs", f"text_cache_dir={tmp_path / 'text'}",
+                "cache.enabled=true", f"cache.dir={tmp_path / 'features'}",
+            ])
+        results = evaluate(cfg)
+        assert json.loads((tmp_path / name / "results.json").read_text())["cache"] == results["cache"]
+        return results
+
+    first = run("first")
+    out = capsys.readouterr().out
+    assert first["cache"] == {"hits": 0, "images": 3}
+    assert "feature cache: 0 of 3 images from the cache" in out
+    assert "evaluate voc20: 100%" in out and "DataLoader" not in out and "Testing" not in out
+    second = run("second")
+    assert second["cache"] == {"hits": 3, "images": 3} and second["mIoU"] == first["mIoU"]
+    assert "feature cache: 3 of 3 images from the cache" in capsys.readouterr().out

@@ -544,6 +544,7 @@ def test_multirun_with_csv_and_offline_wandb_and_a_corrupt_image(tmp_path):
         # W&B offline run: config, tags, group, metrics in the log; tables and mask images as media
         runs = list((folder / "wandb").glob("offline-run-*"))
         assert len(runs) == 1, "no (or more than one) offline W&B run written"
+        assert f"note: W&B run written offline to {runs[0].resolve()}; upload it with" in res.stdout
         log = next(runs[0].glob("*.wandb")).read_bytes()
         for needle in (b"lposs_lab_version", b'"0.1.0"', f'"k":{k},'.encode(), b"test/mIoU", b"g1", b"t1"):
             assert needle in log, needle

@@ -100,6 +100,7 @@ def test_sigterm_exits_non_zero_keeps_states_and_resume_finishes(voc20, text_cac
     assert res["num_images"] == 6 and res["resumed"] == kept
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_run_that_scores_nothing_exits_2_and_still_records_why(tmp_path):
     root = make_dataset(tmp_path / "data", "voc20", n_images=2)
     for label in (root / "VOCdevkit/VOC2012/SegmentationClass").glob("*.png"):
@@ -366,6 +367,7 @@ def test_read_only_folder_is_refused(tmp_path):
         check_output_dir(ro / "out")
 
 
+@pytest.mark.slow  # a subprocess
 def test_segment_cli_refusals_are_one_line(tmp_path):
     image = _png(tmp_path / "in.png", 0)
     (tmp_path / "file").write_text("x")
@@ -462,6 +464,7 @@ def test_damaged_cache_shard_is_named_recomputed_and_replaced(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------- messages
+@pytest.mark.slow  # a subprocess
 def test_missing_weights_name_every_checkpoint_quickly_without_retry_noise(tmp_path):
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": ""}
     t0 = time.perf_counter()
@@ -475,6 +478,7 @@ def test_missing_weights_name_every_checkpoint_quickly_without_retry_noise(tmp_p
     assert seconds < 60
 
 
+@pytest.mark.slow  # a subprocess
 def test_terminal_shows_our_lines_unless_verbose(tmp_path):
     image = _png(tmp_path / "a.png", 0)
     args = [

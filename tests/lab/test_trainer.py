@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from lposs_lab.errors import ConfigError
-from lposs_lab.lab.callbacks import EvaluationReport, ImageProgressBar, ShareCPUThreads
+from lposs_lab.lab.callbacks import EvaluationReport, FeatureCacheTally, ImageProgressBar, ShareCPUThreads
 from lposs_lab.lab.tasks.trainer import build_callbacks, build_loggers, build_trainer, finish_loggers
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,11 +69,32 @@ def test_a_logger_entry_without_target_is_a_config_error(tmp_path):
 
 def test_callbacks_from_conf_and_nulled_ones_left_out(tmp_path):
     kinds = [type(c) for c in build_callbacks(_cfg(tmp_path))]
-    assert kinds == [ImageProgressBar, ShareCPUThreads, EvaluationReport]
+    assert kinds == [ImageProgressBar, ShareCPUThreads, FeatureCacheTally, EvaluationReport]
     kinds = [type(c) for c in build_callbacks(_cfg(tmp_path, "callbacks.cpu_threads=null"))]
-    assert kinds == [ImageProgressBar, EvaluationReport]
+    assert kinds == [ImageProgressBar, FeatureCacheTally, EvaluationReport]
     kinds = [type(c) for c in build_callbacks(_cfg(tmp_path, "trainer.enable_progress_bar=false"))]
-    assert kinds == [ShareCPUThreads, EvaluationReport]
+    assert kinds == [ShareCPUThreads, FeatureCacheTally, EvaluationReport]
+
+
+def test_the_progress_bar_is_named_after_the_task_and_dataset(tmp_path):
+    [bar] = [c for c in build_callbacks(_cfg(tmp_path, "dataset=voc20")) if isinstance(c, ImageProgressBar)]
+    assert bar.description == "evaluate voc20" and bar.test_description == "evaluate voc20"
+    named = _cfg(tmp_path, "dataset=voc20", "+callbacks.progress_bar.description=mine")
+    [own] = [c for c in build_callbacks(named) if isinstance(c, ImageProgressBar)]
+    assert own.description == "mine"
+
+
+def test_offline_wandb_says_which_folder_the_run_went_to(tmp_path, no_wandb_credentials, capsys):
+    loggers, _ = build_loggers(_cfg(tmp_path, "logger=wandb"))
+    [wb] = loggers
+    assert f"logging offline under {tmp_path.resolve() / 'wandb'}" in capsys.readouterr().out
+    try:
+        wb.experiment.log({"x": 1.0})  # starts the offline run
+    finally:
+        finish_loggers(loggers)
+    [folder] = [p.resolve() for p in (tmp_path / "wandb").glob("offline-run-*")]
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "W&B run written offline" in ln]
+    assert lines == [f"note: W&B run written offline to {folder}; upload it with `wandb sync {folder}`"]
 
 
 def test_trainer_spawns_for_several_devices_and_follows_device(tmp_path, capsys):
@@ -124,3 +145,22 @@ def test_evaluation_report_writes_the_tables_from_what_it_was_given(tmp_path):
     bare = SimpleNamespace(is_global_zero=True, loggers=[CSVLogger(str(empty))])
     EvaluationReport().on_test_end(bare, None)
     assert not list(empty.rglob("*.csv"))
+
+
+def test_offline_wandb_run_of_a_worker_process_is_named_by_its_folder(tmp_path, no_wandb_credentials, capsys):
+    # with several processes rank 0's worker held the W&B run: this process finds the newest folder it left
+    import wandb
+
+    loggers, _ = build_loggers(_cfg(tmp_path, "logger=wandb"))
+    assert wandb.run is None
+    older = tmp_path / "wandb" / "offline-run-20261201_101010-aaaaaaaa"
+    newer = tmp_path / "wandb" / "offline-run-20261202_090909-bbbbbbbb"
+    for folder in (newer, older):
+        folder.mkdir(parents=True)
+    capsys.readouterr()
+    finish_loggers(loggers)
+    where = newer.resolve()
+    note = f"note: W&B run written offline to {where}; upload it with `wandb sync {where}`\n"
+    assert capsys.readouterr().out == note
+    finish_loggers([])  # no W&B logger: nothing to say
+    assert capsys.readouterr().out == ""

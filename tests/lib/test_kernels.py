@@ -126,6 +126,7 @@ def test_dispatch_choices_and_errors(monkeypatch):
     assert op.__module__.endswith(expected)
 
 
+@pytest.mark.slow  # a subprocess
 def test_import_does_not_pull_triton_or_numba():
     code = "import sys, lposs_lab.pixels; print('triton' in sys.modules, 'numba' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -162,6 +163,7 @@ _INTERPRET_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a subprocess
 def test_triton_kernel_under_interpreter_on_cpu():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}

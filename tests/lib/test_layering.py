@@ -66,26 +66,61 @@ def test_library_module_imports_neither_the_lab_nor_its_stack(name):
     assert not bad, f"{name} imports {bad}"
 
 
-def test_library_imports_cleanly_without_loading_the_lab_stack():
-    # timm imports wandb by itself: only what the library adds on top of its own dependencies counts
+#: a ``sys.meta_path`` finder that makes the lab's packages look uninstalled (``pip install lposs_lab``)
+_BLOCK_LAB = (
+    "import importlib.abc, sys\n"
+    "class BlockLab(importlib.abc.MetaPathFinder):\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    f"        if name.split('.')[0] in {LAB_STACK!r}:\n"
+    "            raise ModuleNotFoundError(f'No module named {name!r} (blocked by the test)', name=name)\n"
+    "        return None\n"
+    "sys.meta_path.insert(0, BlockLab())\n"
+)
+
+
+def _run_blocked(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", _BLOCK_LAB + code, *args], capture_output=True, text=True, timeout=300,
+        cwd=PACKAGE.parent,
+    )
+
+
+@pytest.mark.slow  # a subprocess
+def test_library_imports_and_predicts_without_the_lab_installed():
+    # the lab's packages cannot be imported at all, as after `pip install lposs_lab` without [lab]; timm
+    # imports wandb by itself when it is there and copes when it is not
     code = (
-        "import importlib, sys\n"
-        "import torch, timm, open_clip, huggingface_hub, safetensors, cv2, PIL, numpy\n"
-        "before = set(sys.modules)\n"
+        "import importlib\n"
         f"names = {LIBRARY!r}\n"
         "for n in names:\n"
         "    if n.endswith(('triton_stencil', 'numba_stencil', 'numba_solver')):\n"
         "        continue  # import numba/triton on first use; checked by the AST scan\n"
         "    importlib.import_module(n)\n"
-        "new = set(sys.modules) - before\n"
+        "import numpy as np\n"
+        "from lposs_lab import LPOSS, LPOSSConfig, WindowConfig\n"
+        "cfg = LPOSSConfig(vm='tiny_random', vlm='tiny_random', device='cpu',\n"
+        "                  window=WindowConfig(short_side=32))\n"
+        "model = LPOSS.from_config(cfg, text_cache_dir=None)\n"
+        "pred = model.predict(np.zeros((32, 48, 3), np.uint8), ['a', 'b'])\n"
         f"stack = {LAB_STACK!r}\n"
-        "loaded = sorted(m for m in new if m.split('.')[0] in stack or m.startswith('lposs_lab.lab'))\n"
-        "assert 'lposs_lab.predictor' in sys.modules\n"
-        "print(loaded)\n"
+        "loaded = sorted(m for m in sys.modules\n"
+        "                if m.split('.')[0] in stack or m.startswith('lposs_lab.lab'))\n"
+        "print(tuple(pred.labels.shape), loaded)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]", out.stdout
+    out = _run_blocked(code)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "(32, 48) []", out.stdout
+
+
+def test_the_blocker_blocks_and_run_py_names_the_lab_extra():
+    probe = _run_blocked("import omegaconf")
+    assert probe.returncode == 1 and "No module named 'omegaconf' (blocked by the test)" in probe.stderr
+    run_py = str(PACKAGE.parent / "run.py")
+    out = _run_blocked(f"import runpy; sys.argv = [{run_py!r}, 'image=x.png']; runpy.run_path({run_py!r})")
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines() == [
+        "error: run.py needs the lab (hydra is not installed): pip install 'lposs_lab[lab]'"
+    ]
 
 
 def _package_graph() -> dict[str, set[str]]:

@@ -13,7 +13,6 @@ from reference import ref_lab_features, ref_refine_patches, ref_refine_pixels, r
 
 from lposs_lab.config import LPConfig, LPOSSConfig, PixelConfig, WindowConfig
 from lposs_lab.errors import ConfigError
-from lposs_lab.models import create_vlm, create_vm
 from lposs_lab.pixels import pixel_features, refine_pixels
 from lposs_lab.predictor import LPOSS
 from lposs_lab.propagation import propagate_patches, refine_patches
@@ -60,8 +59,8 @@ def test_pixel_variants_match_the_float64_reference(feature, spatial):
 
 
 @pytest.fixture(scope="module")
-def encoders():
-    return create_vm("tiny_random", pretrained=False), create_vlm("tiny_random", pretrained=False)
+def encoders(tiny_encoders):
+    return tiny_encoders
 
 
 def _image() -> np.ndarray:

@@ -177,8 +177,20 @@ def test_batch_equals_one_window_at_a_time(kind):
 
 
 # ----------------------------------------------------------------------------- checkpoints and registry
-@pytest.mark.parametrize("method", NEW)
-@pytest.mark.parametrize("fmt", ["safetensors", "bin", "pt"])
+# every predictor once and every file format at least once: the formats share one reader
+# (registry.load_checkpoint_file), so the full 5 x 3 product only repeated it
+CHECKPOINT_CASES = [
+    ("sclip", "safetensors"), ("clearclip", "bin"), ("naclip", "pt"), ("proxyclip", "bin"),
+    ("scclip", "safetensors"),
+]
+
+
+def test_the_checkpoint_cases_cover_every_predictor_and_format():
+    assert {m for m, _ in CHECKPOINT_CASES} == set(NEW)
+    assert {f for _, f in CHECKPOINT_CASES} == {"safetensors", "bin", "pt"}
+
+
+@pytest.mark.parametrize(("method", "fmt"), CHECKPOINT_CASES)
 def test_local_checkpoints_load_through_create_vlm(tmp_path, method, fmt):
     layers = 12 if method == "scclip" else 2
     saved = quick_clip(layers=layers, seed=11)

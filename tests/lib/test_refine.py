@@ -22,7 +22,7 @@ from lposs_lab import (
     refine_patches,
     refine_pixels,
 )
-from lposs_lab.refine import resized_image_tensor
+from lposs_lab.refine import _default_device, resized_image_tensor
 from lposs_lab.viz import UNKNOWN_COLOUR, label_image, legend_entries, overlay, palette
 from lposs_lab.windows import patch_positions, resize_argmax, stitch_windows
 
@@ -172,6 +172,11 @@ def test_bad_inputs_raise_clear_value_errors(scores, kwargs, message):
 
 
 def test_device_follows_the_scores():
+    # the rule, on a device other than the CPU even on a CPU-only machine (meta tensors carry no data)
+    meta = torch.zeros(2, 5, 5, device="meta")
+    assert _default_device(meta, None) == torch.device("meta")
+    assert _default_device(meta, "cpu") == torch.device("cpu")  # an explicit device wins
+    assert _default_device(np.zeros((2, 5, 5), np.float32), None) == torch.device("cpu")
     img = _photo(20, 30)
     out = refine(img, np.random.default_rng(0).standard_normal((2, 5, 5)).astype(np.float32), short_side=20)
     assert out.labels.device.type == "cpu" and out.low_res_scores.device.type == "cpu"

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from lposs_lab.config import PixelConfig
-from lposs_lab.models import create_vlm
 from lposs_lab.text import IMAGENET_TEMPLATES, TextEmbedder, split_synonyms, text_embeddings
 
-SHARED_JSON = Path(__file__).resolve().parents[3] / "shared" / "data" / "benchmarks.json"
+# the benchmark facts shipped with the lab hold the 80 templates of the published code as plain data
+BENCHMARKS_JSON = Path(__file__).resolve().parents[2] / "lposs_lab" / "lab" / "data" / "benchmarks.json"
 
 
 class CountingVLM:
@@ -33,8 +33,8 @@ class CountingVLM:
 
 
 @pytest.fixture(scope="module")
-def vlm() -> torch.nn.Module:
-    return create_vlm("tiny_random")
+def vlm(tiny_encoders) -> torch.nn.Module:
+    return tiny_encoders[1]
 
 
 def _direct(vlm: torch.nn.Module, synonym: str, templates: Sequence[str]) -> torch.Tensor:
@@ -46,8 +46,8 @@ def test_imagenet_templates() -> None:
     assert isinstance(IMAGENET_TEMPLATES, tuple) and len(IMAGENET_TEMPLATES) == 80
     assert all(t.count("{}") == 1 for t in IMAGENET_TEMPLATES)
     assert IMAGENET_TEMPLATES[0] == "a bad photo of a {}."
-    if SHARED_JSON.is_file():
-        assert list(IMAGENET_TEMPLATES) == json.loads(SHARED_JSON.read_text())["imagenet_templates"]
+    assert IMAGENET_TEMPLATES[-1] == "a tattoo of the {}."
+    assert list(IMAGENET_TEMPLATES) == json.loads(BENCHMARKS_JSON.read_text())["imagenet_templates"]
 
 
 def test_split_synonyms() -> None:

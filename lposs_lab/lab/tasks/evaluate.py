@@ -273,6 +273,10 @@ def run_evaluation(plan: EvalPlan, cfg: DictConfig) -> int | None:
         finish_loggers(loggers)
     if trainer.received_sigterm:
         raise EvaluationStopped(plan.store, len(plan.dataset))
+    tally = {k: int(trainer.callback_metrics[f"cache/{k}"]) for k in ("hits", "images")
+             if f"cache/{k}" in trainer.callback_metrics}  # summed over processes (FeatureCacheTally)
+    if len(tally) == 2:
+        plan.extra["cache"] = tally
     return trainer.world_size if trainer.is_global_zero else None
 
 
@@ -307,6 +311,7 @@ def write_results(plan: EvalPlan, wall: float, world: int) -> dict[str, Any]:
         predictions=plan.meta.get("predictions"),
         version=__version__,
         random_init=_random_init(plan),
+        **({"cache": plan.extra["cache"]} if "cache" in plan.extra else {}),
         overrides=plan.overrides,
         config=plan.resolved,
         per_image=summary["per_image"],
@@ -323,6 +328,9 @@ def write_results(plan: EvalPlan, wall: float, world: int) -> dict[str, Any]:
         f"\n{plan.info.name}: {n} image(s) scored in {wall:.1f}s ({world} process(es)); "
         f"results: {plan.results_path}"
     )
+    if "cache" in results:
+        tally = results["cache"]
+        print(f"feature cache: {tally['hits']} of {tally['images']} images from the cache")
     if results["random_init"]:
         print(
             "note: random-init weights ("

@@ -95,8 +95,10 @@ def _wandb_mode(kwargs: dict[str, Any]) -> None:
     if kwargs.get("offline") or mode == "offline":
         kwargs["offline"] = True
     elif mode != "disabled" and not wandb_has_credentials():
+        save_dir = kwargs.get("save_dir")
+        where = f" under {Path(str(save_dir)).expanduser().resolve() / 'wandb'}" if save_dir else ""
         print(
-            "note: no W&B credentials (wandb login / WANDB_API_KEY): logging offline; "
+            f"note: no W&B credentials (wandb login / WANDB_API_KEY): logging offline{where}; "
             "upload later with `wandb sync`"
         )
         kwargs["offline"] = True
@@ -107,24 +109,31 @@ def _wandb_mode(kwargs: dict[str, Any]) -> None:
 def build_callbacks(
     cfg: DictConfig, options: LoggerOptions | None = None, *, report: Mapping[str, Any] | None = None
 ) -> list[Any]:
-    """The callbacks of ``cfg.callbacks`` (a ``null`` entry is left out) plus the evaluation report.
+    """The callbacks of ``cfg.callbacks`` (a ``null`` entry is left out) plus the cache tally and the report.
 
+    Our progress bar is named after the task and dataset (``evaluate voc20``) unless its config names it.
     ``report``: the keyword arguments of :class:`lposs_lab.lab.callbacks.EvaluationReport` (the run's
     record store, ids, classes, dataset name, Boundary IoU settings); without it the report writes nothing.
     """
-    from ..callbacks import EvaluationReport
+    from ..callbacks import EvaluationReport, FeatureCacheTally, ImageProgressBar
 
     out: list[Any] = []
     section = cfg.get("callbacks") or {}
     tr = cfg.get("trainer") or {}
+    dataset = (cfg.get("dataset") or {}).get("name")
+    description = " ".join(str(v) for v in (cfg.get("task") or "evaluate", dataset) if v)
     for name, node in section.items():
         if node is None:
             continue
         if name == "progress_bar" and not tr.get("enable_progress_bar", True):
             continue
-        out.append(instantiate(node))
+        named = isinstance(node, DictConfig) and "description" in node
+        callback = instantiate(node)
+        if isinstance(callback, ImageProgressBar) and not named:
+            callback.description = description
+        out.append(callback)
     log_images = max([int(o.get("log_images", 0)) for o in (options or {}).values()] or [0])
-    out.append(EvaluationReport(**dict(report or {}), log_images=log_images))
+    out += [FeatureCacheTally(), EvaluationReport(**dict(report or {}), log_images=log_images)]
     return out
 
 
@@ -187,9 +196,24 @@ def build_trainer(cfg: DictConfig, *, loggers: list[Any], callbacks: list[Any], 
 
 
 def finish_loggers(loggers: list[Any]) -> None:
-    """Close this run's W&B run, so that the next job of a multirun starts its own."""
-    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
-        import wandb
+    """Close this run's W&B run, so that the next job of a multirun starts its own, and say which folder an
+    offline run went to (with several processes the run lived in rank 0's worker: its newest folder)."""
+    wandb_loggers = [lg for lg in loggers if type(lg).__name__ == "WandbLogger"]
+    if not wandb_loggers:
+        return
+    import wandb
 
-        if wandb.run is not None:
-            wandb.finish()
+    folders: list[Path] = []
+    run = wandb.run
+    if run is not None:
+        if bool(getattr(run, "offline", False)) or run.settings.mode in ("offline", "dryrun"):
+            folders.append(Path(str(getattr(run.settings, "sync_dir", "") or Path(run.dir).parent)))
+        wandb.finish()
+    else:
+        for lg in wandb_loggers:
+            if not (getattr(lg, "_offline", False) and lg.save_dir):
+                continue
+            runs = sorted(Path(str(lg.save_dir)).expanduser().glob("wandb/offline-run-*"))
+            folders += [runs[-1].resolve()] if runs else []
+    for folder in folders:
+        print(f"note: W&B run written offline to {folder}; upload it with `wandb sync {folder}`")
