@@ -16,6 +16,7 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from lposs_lab.files import atomic_write
 
 from .records import class_display_names, summarize
+from .stats import CIConfig, results_intervals
 
 __all__ = ["ImageProgressBar", "ShareCPUThreads", "EvaluationReport"]
 
@@ -51,14 +52,16 @@ class EvaluationReport(pl.Callback):
 
     Args:
         log_images: how many evaluated images to log to W&B with their predicted and ground-truth masks.
+        ci: the bootstrap intervals of the W&B summary (``test/mIoU_ci_low`` ...); None: the defaults.
 
     Rank 0 only. The tables come from the run's per-image records (every process's images), so they hold
     what ``results.json`` holds: ``per_class.csv`` / ``per_image.csv`` in each CSV logger's folder, and
     ``per_class_iou`` / ``per_image`` ``wandb.Table``s plus ``<dataset>/mIoU``-style summary keys in W&B.
     """
 
-    def __init__(self, log_images: int = 0) -> None:
+    def __init__(self, log_images: int = 0, ci: CIConfig | None = None) -> None:
         self.log_images = max(0, int(log_images))
+        self.ci = ci or CIConfig()
         self.logged = 0
 
     @staticmethod
@@ -98,8 +101,9 @@ class EvaluationReport(pl.Callback):
         ids = list(getattr(pl_module, "ids", None) or [])
         if not ids:
             return
+        records = pl_module.store.load(ids)
         summary = summarize(
-            pl_module.store.load(ids),
+            records,
             pl_module.classes,
             boundary=pl_module.biou is not None,
             dilation_ratio=getattr(pl_module.biou, "dilation_ratio", 0.02),
@@ -132,6 +136,20 @@ class EvaluationReport(pl.Callback):
                 for key, value in keys.items():
                     if value is not None:
                         run.summary[f"{dataset}/{key}"] = value
+                for key, value in _ci_summary(records, pl_module, self.ci).items():
+                    run.summary[key] = value
+
+
+def _ci_summary(records: list[dict[str, Any]], pl_module: Any, ci: CIConfig) -> dict[str, float]:
+    """``{"test/mIoU_ci_low": ..., "test/mIoU_ci_high": ...}`` (and the other scores'), percent."""
+    boundary = pl_module.biou is not None
+    intervals = results_intervals(records, pl_module.classes, ci, boundary=boundary)
+    out = {}
+    for key in ("mIoU", "pixel_accuracy", *(["boundary_iou"] if boundary else [])):
+        interval = intervals.get(f"{key}_ci")
+        if interval is not None:
+            out[f"test/{key}_ci_low"], out[f"test/{key}_ci_high"] = interval
+    return out
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lposs_lab.errors import ConfigError
 
-from .config import plain
+from .config import ci_config, plain
 
 __all__ = [
     "LoggerOptions",
@@ -117,7 +117,7 @@ def build_callbacks(cfg: DictConfig, options: LoggerOptions | None = None) -> li
             continue
         out.append(instantiate(node))
     log_images = max([int(o.get("log_images", 0)) for o in (options or {}).values()] or [0])
-    out.append(EvaluationReport(log_images=log_images))
+    out.append(EvaluationReport(log_images=log_images, ci=ci_config(cfg)))
     return out
 
 
