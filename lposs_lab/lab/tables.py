@@ -19,6 +19,7 @@ __all__ = [
     "PAPER",
     "Table",
     "config_value",
+    "base_label",
     "cell",
     "ci_cell",
     "group_runs",
@@ -151,6 +152,11 @@ def _base_label(run: Mapping[str, Any]) -> str:
     if predictor is None:
         return method_label(method)
     return predictor if method == "maskclip" else f"{predictor} + {method_label(method)}"
+
+
+def base_label(run: Mapping[str, Any]) -> str:
+    """The row label of ``run`` without its sweep values (``SCLIP + LPOSS+``, ``LPOSS+``, ``report.row``)."""
+    return _base_label(run)
 
 
 def _row_label(run: Mapping[str, Any], varying: Sequence[str] | None) -> str:

@@ -320,6 +320,14 @@ def write_results(plan: EvalPlan, wall: float, world: int) -> dict[str, Any]:
     if plan.ci.enabled:
         level, n_res = 100 * plan.ci.level, plan.ci.resamples
         print(f"[low, high]: {level:g} % bootstrap interval over the images ({n_res} resamples)")
+        iv = results.get("mIoU_ci")
+        if iv and results["mIoU"] is not None and not iv[0] <= results["mIoU"] <= iv[1]:
+            print(
+                "note: the mIoU lies outside its interval: resamples that miss the few images of a rare "
+                "class still count its false positives (IoU 0), so they score lower; read the interval's "
+                "width, and compare runs with `python -m lposs_lab.lab.report compare` (README: Reading "
+                "differences)"
+            )
     n = summary["num_images"]
     print(
         f"\n{plan.info.name}: {n} image(s) scored in {wall:.1f}s ({world} process(es)); "
