@@ -323,10 +323,10 @@ def write_results(plan: EvalPlan, wall: float, world: int) -> dict[str, Any]:
         iv = results.get("mIoU_ci")
         if iv and results["mIoU"] is not None and not iv[0] <= results["mIoU"] <= iv[1]:
             print(
-                "note: the mIoU lies outside its interval: resamples that miss the few images of a rare "
-                "class still count its false positives (IoU 0), so they score lower; read the interval's "
-                "width, and compare runs with `python -m lposs_lab.lab.report compare` (README: Reading "
-                "differences)"
+                "note: the mIoU lies outside its interval: classes that are in few images score lower in "
+                "resamples that hold fewer of those images (their false positives elsewhere stay), so the "
+                "percentile interval sits low; read its width, and compare runs with `python -m "
+                "lposs_lab.lab.report compare` (README: Reading differences)"
             )
     n = summary["num_images"]
     print(
