@@ -219,3 +219,35 @@ def test_results_fields_from_records():
     assert fields["mIoU_ci"] == bootstrap_metrics(counts, resamples=100)["mIoU"]
     assert list(fields["per_class_iou_ci"]) == ["background", "cat", "dog"]
     assert results_intervals(records, ["a", "b", "c"], CIConfig(resamples=0)) == {"ci": None}
+
+
+def test_wandb_summary_gets_the_interval_keys(tmp_path):
+    from types import SimpleNamespace
+
+    from lposs_lab.lab.callbacks import EvaluationReport
+    from lposs_lab.lab.records import StateStore
+
+    class WandbLogger:  # what EvaluationReport recognises; records what would reach W&B
+        def __init__(self):
+            self.experiment = SimpleNamespace(summary={}, log=lambda data: None)
+
+    counts = make_counts(15, 3, seed=10, boundary=False)
+    store = StateStore(tmp_path / "states")
+    ids = [f"im{i}" for i in range(15)]
+    for i, key in enumerate(ids):
+        store.write(image_record(key, iou={k: v[i] for k, v in counts["iou"].items()}, miou=0.5, seconds=0.1))
+    logger = WandbLogger()
+    trainer = SimpleNamespace(is_global_zero=True, loggers=[logger])
+    module = SimpleNamespace(
+        ids=ids, store=store, classes=["a", "b", "c"], biou=None, hparams={"dataset": "voc"}
+    )
+    EvaluationReport(ci=CIConfig(level=0.8, resamples=50, seed=2)).on_test_end(trainer, module)
+    want = bootstrap_metrics(counts, level=0.8, resamples=50, seed=2)
+    summary = logger.experiment.summary
+    assert [summary["test/mIoU_ci_low"], summary["test/mIoU_ci_high"]] == want["mIoU"]
+    assert [summary["test/pixel_accuracy_ci_low"], summary["test/pixel_accuracy_ci_high"]] == want[
+        "pixel_accuracy"
+    ]
+    assert "test/boundary_iou_ci_low" not in summary and summary["voc/mIoU"] == pytest.approx(
+        score_rows(counts)["mIoU"]
+    )
