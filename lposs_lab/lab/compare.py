@@ -82,9 +82,9 @@ def _differences(
     """How two runs differ in what they scored (dataset, classes, images), or None."""
     if a.get("dataset") != b.get("dataset"):
         return f"they scored different datasets: A {a.get('dataset')}, B {b.get('dataset')}"
-    ca, cb = list(a.get("per_class_iou") or {}), list(b.get("per_class_iou") or {})
-    if ca != cb:
-        return f"they scored different classes ({len(ca)} vs {len(cb)}, names differ)"
+    ca, cb = a.get("per_class_iou") or {}, b.get("per_class_iou") or {}
+    if len(ca) != len(cb):  # names may differ (another vocabulary): the benchmark's classes, in its order
+        return f"they scored different numbers of classes ({len(ca)} vs {len(cb)})"
     only_a, only_b = sorted(set(ids_a) - set(ids_b)), sorted(set(ids_b) - set(ids_a))
     if only_a or only_b:
         parts = [f"{len(x)} only in {w} (first: {x[0]})" for w, x in (("A", only_a), ("B", only_b)) if x]
@@ -129,7 +129,7 @@ def compare_runs(
     res = paired_bootstrap(
         counts_a, counts_b, metric=metric, level=ci.level, resamples=ci.resamples, seed=ci.seed
     )
-    names = list(a.get("per_class_iou") or {})
+    names = list(a.get("per_class_iou") or {})  # A's names (a run with another vocabulary names them so)
     res["per_class"] = {
         names[r["index"]]: {k: r[k] for k in ("delta", "ci", "a", "b")} for r in res["per_class"]
     }

@@ -212,3 +212,18 @@ def test_report_marks_the_best_row_and_the_rows_not_distinguishable_from_it(runs
     assert report.main([str(tmp_path / "runs"), "--compare-to", "nobody"]) == 2
     err = capsys.readouterr().err
     assert "error: --compare-to 'nobody' names no row; valid: best or one of: " in err and "poor twin" in err
+
+
+def test_runs_with_other_class_names_compare_by_class_index(runs, tmp_path, capsys):
+    renamed = load(runs["good"])  # e.g. another vocabulary: the benchmark's classes, other names
+    renamed["per_class_iou"] = {f"name{i}": v for i, v in enumerate(renamed["per_class_iou"].values())}
+    (tmp_path / "renamed").mkdir()
+    (tmp_path / "renamed" / "results.json").write_text(json.dumps(renamed))
+    out = tmp_path / "r.json"
+    assert report.main(["compare", str(tmp_path / "renamed"), str(runs["good"]), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["delta"] == 0.0 and set(res["per_class"]) <= set(renamed["per_class_iou"])
+    fewer = dict(renamed, per_class_iou=dict(list(renamed["per_class_iou"].items())[:5]))
+    (tmp_path / "renamed" / "results.json").write_text(json.dumps(fewer))
+    assert report.main(["compare", str(tmp_path / "renamed"), str(runs["good"])]) == 2
+    assert "different numbers of classes (5 vs 20)" in capsys.readouterr().err
