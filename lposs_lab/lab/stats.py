@@ -29,8 +29,6 @@ import numpy as np
 
 from lposs_lab.errors import ConfigError
 
-from .records import class_display_names
-
 __all__ = [
     "CIConfig",
     "bootstrap",
@@ -354,6 +352,8 @@ def results_intervals(
     """The interval fields of ``results.json`` (percent): ``mIoU_ci``, ``pixel_accuracy_ci``,
     ``per_class_iou_ci`` (by display name), with ``boundary`` also ``boundary_iou_ci`` and
     ``per_class_boundary_iou_ci``, and ``ci`` (the settings). ``{"ci": None}`` when ``ci`` is off."""
+    from .records import class_display_names  # torch/torchmetrics: only when intervals are computed
+
     if not ci.enabled:
         return {"ci": None}
     names = class_display_names(classes)
