@@ -20,6 +20,7 @@ from lposs_lab.files import atomic_write
 
 from .metrics import DILATION_RATIO
 from .records import StateStore, class_display_names, summarize
+from .stats import CIConfig, results_intervals
 
 __all__ = [
     "ImageProgressBar",
@@ -107,6 +108,7 @@ class EvaluationReport(pl.Callback):
         dataset: the benchmark's name (the W&B summary keys are ``<dataset>/mIoU``...).
         boundary: the run computes Boundary IoU; ``dilation_ratio``: its band width.
         log_images: how many evaluated images to log to W&B with their predicted and ground-truth masks.
+        ci: the bootstrap intervals of the W&B summary (``test/mIoU_ci_low`` ...); None: the defaults.
 
     Rank 0 only. The tables come from the run's per-image records (every process's images), so they hold
     what ``results.json`` holds: ``per_class.csv`` / ``per_image.csv`` in each CSV logger's folder, and
@@ -123,6 +125,7 @@ class EvaluationReport(pl.Callback):
         boundary: bool = False,
         dilation_ratio: float = DILATION_RATIO,
         log_images: int = 0,
+        ci: CIConfig | None = None,
     ) -> None:
         self.store = store
         self.ids = list(ids)
@@ -131,6 +134,7 @@ class EvaluationReport(pl.Callback):
         self.boundary = bool(boundary)
         self.dilation_ratio = float(dilation_ratio)
         self.log_images = max(0, int(log_images))
+        self.ci = ci or CIConfig()
         self.logged = 0
 
     @staticmethod
@@ -171,13 +175,15 @@ class EvaluationReport(pl.Callback):
             return
         if self.store is None or not self.ids:
             return
+        records = self.store.load(self.ids)
         summary = summarize(
-            self.store.load(self.ids),
+            records,
             self.classes,
             boundary=self.boundary,
             dilation_ratio=self.dilation_ratio,
         )
-        write_logger_tables(trainer.loggers, summary, self.dataset)
+        intervals = _ci_summary(records, self.classes, self.boundary, self.ci)
+        write_logger_tables(trainer.loggers, {**summary, "intervals": intervals}, self.dataset)
 
 
 def write_logger_tables(loggers: Any, summary: dict[str, Any], dataset: str) -> None:
@@ -215,6 +221,8 @@ def _wandb_tables(logger: Any, summary: dict[str, Any], dataset: str) -> None:
     for key in ("mIoU", "pixel_accuracy", "boundary_iou", "num_images"):
         if summary.get(key) is not None:
             run.summary[f"{dataset}/{key}"] = summary[key]
+    for key, value in summary.get("intervals", {}).items():  # test/mIoU_ci_low ...
+        run.summary[key] = value
 
 
 def _table_writers() -> tuple[tuple[type, Any], ...]:
@@ -223,6 +231,19 @@ def _table_writers() -> tuple[tuple[type, Any], ...]:
     from pytorch_lightning.loggers import CSVLogger, WandbLogger  # importable without wandb installed
 
     return ((CSVLogger, _csv_tables), (WandbLogger, _wandb_tables))
+
+
+def _ci_summary(
+    records: list[dict[str, Any]], classes: Sequence[str], boundary: bool, ci: CIConfig
+) -> dict[str, float]:
+    """``{"test/mIoU_ci_low": ..., "test/mIoU_ci_high": ...}`` (and the other scores'), percent."""
+    intervals = results_intervals(records, classes, ci, boundary=boundary)
+    out = {}
+    for key in ("mIoU", "pixel_accuracy", *(["boundary_iou"] if boundary else [])):
+        interval = intervals.get(f"{key}_ci")
+        if interval is not None:
+            out[f"test/{key}_ci_low"], out[f"test/{key}_ci_high"] = interval
+    return out
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:

@@ -6,7 +6,12 @@ the paper's layout (rows = configurations, columns = the 8 datasets + Avg, the p
 Figure-10-style sweep plots (mIoU vs k / sigma / r) and per-image scatter plots (e.g. LPOSS+ vs MaskCLIP).
 
     python -m lposs_lab.lab.report multirun/ --out report.md --figures figures/
+    python -m lposs_lab.lab.report multirun/ --compare-to best   # mark rows not distinguishable from the best
     python -m lposs_lab.lab.report --wandb lposs_lab --entity me --out report.md
+    python -m lposs_lab.lab.report compare RUN_A RUN_B --json d.json  # paired A - B (lposs_lab.lab.compare)
+
+Scores carry their bootstrap intervals (``results.json`` ``mIoU_ci``): ``42.1 ±0.6`` in the tables, a band
+in the sweep figures.
 """
 
 from __future__ import annotations
@@ -18,16 +23,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .figures import plot_per_image, plot_sweep, report_figures, sweep_series
 from .tables import (
-    DATASET_COLUMNS,
     cell,
-    config_value,
     group_runs,
-    method_label,
     results_table,
     run_info,
-    run_overrides,
-    varying_keys,
 )
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "plot_per_image",
     "main",
 ]
+
 
 def load_runs(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     """Every ``results.json`` under ``paths`` (files or folders, searched recursively), sorted by path.
@@ -88,8 +90,14 @@ def load_searches(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
             raise ValueError(f"cannot read {f}: {exc}") from exc
         if not isinstance(data, dict) or "best_params" not in data:
             raise ValueError(f"{f} is not an Optuna result (no best_params)")
-        out.append({"name": data.get("name", "optuna"), "best_value": data.get("best_value"),
-                    "best_params": dict(data["best_params"]), "_source": str(f)})
+        out.append(
+            {
+                "name": data.get("name", "optuna"),
+                "best_value": data.get("best_value"),
+                "best_params": dict(data["best_params"]),
+                "_source": str(f),
+            }
+        )
     return out
 
 
@@ -110,8 +118,9 @@ def _param(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def load_wandb_runs(project: str, entity: str | None = None, *, filters: Mapping[str, Any] | None = None
-                    ) -> list[dict[str, Any]]:
+def load_wandb_runs(
+    project: str, entity: str | None = None, *, filters: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """Runs of a W&B project as results dicts (``dataset``, ``method``, ``mIoU``, ``config``...).
 
     Uses ``wandb.Api`` (needs network and credentials); the run's logged ``config`` (the resolved Hydra config
@@ -138,8 +147,43 @@ def load_wandb_runs(project: str, entity: str | None = None, *, filters: Mapping
         }
         if "test/boundary_iou" in summary:
             res["boundary_iou"] = summary["test/boundary_iou"]
+        for key in ("mIoU", "boundary_iou", "pixel_accuracy"):
+            if f"test/{key}_ci_low" in summary and f"test/{key}_ci_high" in summary:
+                res[f"{key}_ci"] = [summary[f"test/{key}_ci_low"], summary[f"test/{key}_ci_high"]]
         out.append(res)
     return out
+
+
+def _legend(
+    group: Sequence[Mapping[str, Any]], metric: str, compare_to: str | None, notes: list[str]
+) -> list[str]:
+    """The lines under a table saying what ``±``, ``*`` and ``≈`` mean."""
+    out = []
+    settings = next((r["ci"] for r in group if r.get(f"{metric}_ci") and r.get("ci")), None)
+    if settings:
+        out.append(
+            f"±: half the width of the run's {100 * settings['level']:g} % bootstrap interval over its "
+            f"images ({settings['resamples']} resamples)."
+        )
+    if compare_to:
+        ref = "the best row" if compare_to == "best" else f"{compare_to!r}"
+        out.append(
+            f"`*`: {ref} in each column; `≈`: not distinguishable from it (its paired bootstrap interval of "
+            "the difference holds 0; `python -m lposs_lab.lab.report compare A B` for the numbers)."
+        )
+        out += [f"- {n}" for n in notes]
+    return out + ([""] if out else [])
+
+
+def _check_reference(runs: Sequence[Mapping[str, Any]], compare_to: str) -> None:
+    from .tables import row_labels
+
+    if compare_to == "best":
+        return
+    labels = [lb for table in group_runs(runs).values() for lb in row_labels(table)]
+    if not any(compare_to in (lb, lb.removesuffix(" (random init)")) for lb in labels):
+        valid = ", ".join(dict.fromkeys(labels))
+        raise ValueError(f"--compare-to {compare_to!r} names no row; valid: best or one of: {valid}")
 
 
 def markdown_report(
@@ -147,16 +191,32 @@ def markdown_report(
     *,
     figures: dict[str, str] | None = None,
     searches: Sequence[Mapping[str, Any]] = (),
+    compare_to: str | None = None,
 ) -> str:
     """The whole report: one section per table (mIoU, and Boundary IoU when present), the Optuna searches'
-    best points, then the figures."""
+    best points, then the figures.
+
+    Cells show ``score ±h`` (``h``: half the run's interval width) when the runs carry intervals;
+    ``compare_to`` (``"best"`` or a row label) marks per column the reference row ``*`` and the rows not
+    distinguishable from it ``≈`` (paired bootstrap on the runs' per-image states).
+    """
+    if compare_to:
+        _check_reference(runs, compare_to)
     parts = ["# lposs_lab report", "", f"{len(runs)} run(s).", ""]
     if searches:
         parts += ["## Searches (best point of each)", "", search_table(searches), ""]
     for table, group in group_runs(runs).items():
-        parts += [f"## {table}", "", "mIoU (%)", "", results_table(group, "mIoU").to_markdown(), ""]
-        if any("boundary_iou" in r for r in group):
-            parts += ["Boundary IoU (%)", "", results_table(group, "boundary_iou").to_markdown(), ""]
+        parts += [f"## {table}", ""]
+        for metric, title in (("mIoU", "mIoU (%)"), ("boundary_iou", "Boundary IoU (%)")):
+            if metric != "mIoU" and not any(metric in r for r in group):
+                continue
+            marks, notes = {}, []
+            if compare_to:
+                from .compare import table_marks
+
+                marks, notes = table_marks(group, metric, compare_to)
+            md = results_table(group, metric, ci="pm", marks=marks).to_markdown()
+            parts += [title, "", md, "", *_legend(group, metric, compare_to if marks else None, notes)]
         secs = [(run_info(r)["row"], r.get("dataset"), r.get("seconds_per_image")) for r in group]
         if table.startswith("table6"):
             parts += ["| configuration | dataset | s/image |", "|---|---|---|"]
@@ -166,112 +226,34 @@ def markdown_report(
     return "\n".join(parts)
 
 
-def sweep_series(runs: Sequence[Mapping[str, Any]], param: str, metric: str = "mIoU"
-                 ) -> dict[str, list[tuple[float, float]]]:
-    """``{dataset: [(x, metric), ...]}`` sorted by x, x from the runs' configs at ``param`` (``lp.k``)."""
-    series: dict[str, list[tuple[float, float]]] = {}
-    for r in runs:
-        x = config_value(r.get("config") or {}, param)
-        if x is None:
-            x = run_overrides(r).get(param)
-        if x is None or r.get(metric) is None:
-            continue
-        series.setdefault(str(r.get("dataset")), []).append((float(x), float(r[metric])))
-    return {k: sorted(v) for k, v in series.items()}
-
-
-def plot_sweep(runs: Sequence[Mapping[str, Any]], param: str, out: str | Path, metric: str = "mIoU") -> Path:
-    """Figure 10 style: ``metric`` vs ``param``, one line per dataset. Writes a PNG, returns its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series = sweep_series(runs, param, metric)
-    if not series:
-        raise ValueError(f"no run has both {param!r} and {metric!r}; is this the right sweep folder?")
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for ds, pts in series.items():
-        xs, ys = zip(*pts, strict=True)
-        ax.plot(xs, ys, marker="o", label=DATASET_COLUMNS.get(ds, ds))
-    ax.set_xlabel(param)
-    ax.set_ylabel(f"{metric} (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
-
-
-def plot_per_image(a: Mapping[str, Any], b: Mapping[str, Any], out: str | Path) -> tuple[Path, int]:
-    """Scatter of per-image mIoU of run ``b`` (y) against run ``a`` (x), images matched by id.
-
-    Returns ``(png path, number of images plotted)``; points above the diagonal are images ``b`` wins.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ra = {p["id"]: p["mIoU"] for p in a.get("per_image") or [] if p.get("mIoU") is not None}
-    rb = {p["id"]: p["mIoU"] for p in b.get("per_image") or [] if p.get("mIoU") is not None}
-    ids = sorted(set(ra) & set(rb))
-    if not ids:
-        raise ValueError("the two runs share no image with a per-image mIoU (per_image in results.json)")
-    xs, ys = [ra[i] for i in ids], [rb[i] for i in ids]
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.scatter(xs, ys, s=8, alpha=0.6)
-    ax.plot([0, 100], [0, 100], color="grey", lw=1)
-    ax.set_xlim(0, 100)
-    ax.set_ylim(0, 100)
-    ax.set_xlabel(f"{run_info(a)['row']} per-image mIoU (%)")
-    ax.set_ylabel(f"{run_info(b)['row']} per-image mIoU (%)")
-    wins = sum(y > x for x, y in zip(xs, ys, strict=True))
-    ax.set_title(f"{a.get('dataset')}: {wins}/{len(ids)} images improved", fontsize=9)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out, len(ids)
-
-
-def _figures(runs: Sequence[Mapping[str, Any]], folder: Path, sweep: str | None) -> dict[str, str]:
-    figs: dict[str, str] = {}
-    for table, group in group_runs(runs).items():
-        x = run_info(group[0])["x"]
-        params = [sweep] if sweep else ([x] if x else varying_keys(group))
-        for param in params:
-            if param and sweep_series(group, param):
-                name = f"{table}_{param.replace('.', '_')}.png"
-                figs[f"{table}: mIoU vs {param}"] = str(plot_sweep(group, param, folder / name))
-    by_ds: dict[str, dict[str, Mapping[str, Any]]] = {}
-    for r in runs:
-        by_ds.setdefault(str(r.get("dataset")), {}).setdefault(str(r.get("method")), r)
-    for ds, methods in by_ds.items():
-        if "maskclip" in methods:
-            for other in ("lposs_plus", "lposs"):
-                if other in methods and methods[other].get("per_image"):
-                    png = folder / f"per_image_{ds}.png"
-                    path, _ = plot_per_image(methods["maskclip"], methods[other], png)
-                    figs[f"{ds}: {method_label(other)} vs MaskCLIP per image"] = str(path)
-                    break
-    return figs
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``python -m lposs_lab.lab.report [PATHS...] [--wandb PROJECT] [--out FILE] [--figures DIR]``."""
-    ap = argparse.ArgumentParser(prog="python -m lposs_lab.lab.report", description=__doc__.split("\n")[0])
+    """CLI: ``python -m lposs_lab.lab.report [PATHS...] [--wandb PROJECT] [--out FILE] [--figures DIR]
+    [--compare-to best|LABEL]``, or ``python -m lposs_lab.lab.report compare RUN_A RUN_B [--json OUT]``
+    (a folder named ``compare`` is passed as ``./compare``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:
+        from .compare import main as compare_main
+
+        return compare_main(argv[1:])
+    ap = argparse.ArgumentParser(
+        prog="python -m lposs_lab.lab.report",
+        description=__doc__.split("\n")[0],
+        epilog="python -m lposs_lab.lab.report compare RUN_A RUN_B [--json OUT]: "
+        "paired comparison of two runs (compare --help)",
+    )
     ap.add_argument("paths", nargs="*", help="results.json files or folders (searched recursively)")
     ap.add_argument("--wandb", metavar="PROJECT", help="also read the runs of this W&B project")
     ap.add_argument("--entity", help="W&B entity (user or team)")
     ap.add_argument("--out", help="write the markdown report here (default: print it)")
     ap.add_argument("--figures", help="write PNG figures into this folder")
     ap.add_argument("--sweep", help="plot mIoU against this config key (default: report.x or what varies)")
-    args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
+    ap.add_argument(
+        "--compare-to",
+        metavar="LABEL",
+        help="mark per column this row (or 'best') with * and the "
+        "rows not distinguishable from it with ≈ (paired bootstrap on the runs' states)",
+    )
+    args = ap.parse_args(argv)
     if not args.paths and not args.wandb:
         print("error: nothing to report; pass result folders (multirun/) or --wandb PROJECT", file=sys.stderr)
         return 2
@@ -286,12 +268,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not runs:
         print(f"error: no results.json under {' '.join(args.paths)}", file=sys.stderr)
         return 2
-    figures = _figures(runs, Path(args.figures), args.sweep) if args.figures else {}
-    if args.out and figures:
-        base = Path(args.out).resolve().parent
-        rel = {k: Path(v).resolve() for k, v in figures.items()}
-        figures = {k: str(p.relative_to(base)) if p.is_relative_to(base) else str(p) for k, p in rel.items()}
-    text = markdown_report(runs, figures=figures, searches=searches)
+    try:
+        if args.compare_to:
+            _check_reference(runs, args.compare_to)
+        figures = report_figures(runs, Path(args.figures), args.sweep) if args.figures else {}
+        if args.out and figures:
+            base = Path(args.out).resolve().parent
+            rel = {k: Path(v).resolve() for k, v in figures.items()}
+            figures = {
+                k: str(p.relative_to(base)) if p.is_relative_to(base) else str(p) for k, p in rel.items()
+            }
+        text = markdown_report(runs, figures=figures, searches=searches, compare_to=args.compare_to)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")

@@ -20,11 +20,14 @@ __all__ = [
     "PAPER_DATASETS",
     "Table",
     "config_value",
+    "base_label",
     "cell",
+    "ci_cell",
     "group_runs",
     "method_label",
     "predictor_label",
     "results_table",
+    "row_labels",
     "run_info",
     "run_overrides",
     "varying_keys",
@@ -150,6 +153,11 @@ def _base_label(run: Mapping[str, Any]) -> str:
     return predictor if method == "maskclip" else f"{predictor} + {method_label(method)}"
 
 
+def base_label(run: Mapping[str, Any]) -> str:
+    """The row label of ``run`` without its sweep values (``SCLIP + LPOSS+``, ``LPOSS+``, ``report.row``)."""
+    return _base_label(run)
+
+
 def _row_label(run: Mapping[str, Any], varying: Sequence[str] | None) -> str:
     """``varying=None`` (nothing varies between the table's runs): the run's own label. Else its base label
     and ``varying``, the keys that vary among the runs sharing that base (none when the base already tells
@@ -198,8 +206,36 @@ class Table:
 _TITLES = {"mIoU": ("mIoU (%)", "Table 1"), "boundary_iou": ("Boundary IoU (%)", "Table 2")}
 
 
+def row_labels(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The row label each of ``runs`` gets in :func:`results_table` (same order as ``runs``)."""
+    by_base: dict[str, list[Mapping[str, Any]]] = {}
+    for r in runs:
+        by_base.setdefault(_base_label(r), []).append(r)
+    varying = {base: varying_keys(group) for base, group in by_base.items()} if varying_keys(runs) else {}
+    return [_row_label(r, varying[_base_label(r)] if varying else None) for r in runs]
+
+
+def ci_cell(x: Any, interval: Sequence[float] | None, style: str | None = "interval") -> str:
+    """A cell with its confidence interval: ``42.1 [41.5, 42.7]`` (``style="interval"``), ``42.1 ±0.6``
+    (``"pm"``: half the interval's width) or ``42.1`` (``None``, or no interval)."""
+    if style is None or not interval or cell(x) == "-" or any(v is None for v in interval):
+        return cell(x)
+    low, high = float(interval[0]), float(interval[1])
+    if style == "pm":
+        return f"{cell(x)} ±{(high - low) / 2:.1f}"
+    if style == "interval":
+        return f"{cell(x)} [{low:.1f}, {high:.1f}]"
+    raise ValueError(f"unknown interval style {style!r}; valid: interval, pm, None")
+
+
 def results_table(
-    runs: Sequence[Mapping[str, Any]], metric: str = "mIoU", *, paper: bool = True, all_datasets: bool = True
+    runs: Sequence[Mapping[str, Any]],
+    metric: str = "mIoU",
+    *,
+    paper: bool = True,
+    all_datasets: bool = True,
+    ci: str | None = None,
+    marks: Mapping[tuple[str, str], str] | None = None,
 ) -> Table:
     """The paper-layout table of ``metric`` over ``runs``.
 
@@ -209,24 +245,30 @@ def results_table(
         paper: add the paper's numbers (rows under default-setting rows, the ``Paper Avg`` column).
         all_datasets: a column for each of the 8 benchmarks (the report) or only for those present
             (the summary printed after one evaluation).
+        ci: show each run's ``<metric>_ci`` interval: ``"interval"`` or ``"pm"`` (see :func:`ci_cell`).
+        marks: ``{(row label, dataset): suffix}`` appended to those cells (e.g. the best row's marker).
     """
-    by_base: dict[str, list[Mapping[str, Any]]] = {}
-    for r in runs:
-        by_base.setdefault(_base_label(r), []).append(r)
-    varying = {base: varying_keys(group) for base, group in by_base.items()} if varying_keys(runs) else {}
+    labels = row_labels(runs)
     values: dict[str, dict[str, float | None]] = {}
+    intervals: dict[str, dict[str, Any]] = {}
     meta: dict[str, tuple[str, Any, Any]] = {}
-    for r in runs:
+    for r, label in zip(runs, labels, strict=True):
         if metric not in r:
             continue
-        label = _row_label(r, varying[_base_label(r)] if varying else None)
         values.setdefault(label, {})[str(r.get("dataset"))] = r.get(metric)
+        intervals.setdefault(label, {})[str(r.get("dataset"))] = r.get(f"{metric}_ci")
         published = ((r.get("config") or {}).get("report") or {}).get("paper")
         meta[label] = (str(r.get("method")), run_info(r)["paper_avg"], published)
     present = {d for v in values.values() for d in v}
     datasets = [d for d in DATASET_COLUMNS if all_datasets or d in present]
     cols = datasets + sorted(present - set(DATASET_COLUMNS))
     title, table_name = _TITLES.get(metric, (metric, "paper"))
+    marks = marks or {}
+
+    def ours(label: str) -> tuple[str, ...]:
+        vals, ivs = values[label], intervals[label]
+        return tuple(ci_cell(vals.get(d), ivs.get(d), ci) + marks.get((label, d), "") for d in cols)
+
     rows: list[tuple[str, tuple[str, ...]]] = []
     for label, vals in values.items():
         method, paper_avg, published = meta[label]
@@ -239,12 +281,12 @@ def results_table(
             full = set(PAPER_DATASETS) <= set(pub)
             pub_avg = sum(pub[d] for d in PAPER_DATASETS) / len(PAPER_DATASETS) if full else None
             shown = paper_avg if paper_avg is not None else pub_avg
-            rows.append((label, tuple(cell(vals.get(d)) for d in cols) + (cell(avg), cell(shown))))
+            rows.append((label, ours(label) + (cell(avg), cell(shown))))
             rows.append(("  published", tuple(cell(pub.get(d)) for d in cols) + (cell(pub_avg), "")))
             continue
         ref_avg = sum(ref.values()) / len(ref) if ref and default_row else None
         shown = (paper_avg if metric == "mIoU" and paper_avg is not None else ref_avg) if paper else None
-        rows.append((label, tuple(cell(vals.get(d)) for d in cols) + (cell(avg), cell(shown))))
+        rows.append((label, ours(label) + (cell(avg), cell(shown))))
         if ref and default_row:
             rows.append(
                 (f"  paper ({table_name})", tuple(cell(ref.get(d)) for d in cols) + (cell(ref_avg), ""))

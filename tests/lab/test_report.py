@@ -151,3 +151,57 @@ def test_three_point_multirun_gives_three_runs_and_a_three_row_report(tmp_path):
     want = [f"LPOSS [lp.k={k}] (random init)" for k in (2, 4, 8)]
     assert [r.split("|")[1].strip() for r in rows] == want
     assert (tmp_path / "fig" / "runs_lp_k.png").read_bytes()[:8] == PNG
+
+
+def _sweep_run(sigma, miou, ci=None, dataset="voc20", random_init=()):
+    run = {"dataset": dataset, "method": "lposs_plus", "mIoU": miou, "config": {"lp": {"sigma": sigma}},
+           "overrides": [f"lp.sigma={sigma}"], "random_init": list(random_init)}
+    if ci is not None:
+        run["mIoU_ci"], run["ci"] = ci, {"level": 0.9, "resamples": 100, "seed": 0}
+    return run
+
+
+def test_sweep_figure_plain_ticks_title_band_and_random_init():
+    from matplotlib.collections import PolyCollection
+
+    from lposs_lab.lab.figures import sweep_figure
+
+    # a 1e-5 spread in mIoU: an axis offset would make it look like a trend
+    runs = [_sweep_run(s, 40.0 + 1e-5 * i, ci=[39.0 + i, 41.0 + i]) for i, s in enumerate([0.001, 0.01, 0.1])]
+    runs += [_sweep_run(s, 20.0 + i, dataset="ade20k", random_init=["vm=tiny_random"])
+             for i, s in enumerate([0.001, 0.1])]
+    fig = sweep_figure(runs, "lp.sigma")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"  # three decades
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.001", "0.01", "0.1"]
+    assert ax.yaxis.get_major_formatter().get_offset() == ""
+    assert all("e" not in t.get_text() for t in ax.get_yticklabels())
+    title = ax.get_title()
+    assert title.startswith("LPOSS+ on VOC20, ADE: mIoU vs lp.sigma") and "random init" in title
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["VOC20", "ADE (random init)"]
+    assert [ln.get_linestyle() for ln in ax.get_lines()] == ["-", "--"]
+    bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 1  # only VOC20's runs carry intervals
+    ys = bands[0].get_paths()[0].vertices[:, 1]
+    assert ys.min() == pytest.approx(39.0) and ys.max() == pytest.approx(43.0)
+    assert "band: 90 % interval" in ax.get_ylabel()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_cells_with_intervals_and_marks():
+    from lposs_lab.lab.tables import ci_cell
+
+    assert ci_cell(42.14, [41.46, 42.71]) == "42.1 [41.5, 42.7]"
+    assert ci_cell(42.14, [41.46, 42.71], "pm") == "42.1 ±0.6"
+    assert ci_cell(42.14, None) == ci_cell(42.14, [41.0, 43.0], None) == "42.1"
+    assert ci_cell(None, [1.0, 2.0]) == "-"
+    runs = [{"dataset": "voc", "method": "lposs_plus", "mIoU": 60.0, "mIoU_ci": [59.0, 61.5]},
+            {"dataset": "voc", "method": "maskclip", "mIoU": 50.0}]
+    rows = _rows(results_table(runs, ci="pm", marks={("MaskCLIP", "voc"): " ≈"}).to_markdown())
+    assert rows[0][:2] == ["LPOSS+", "60.0 ±1.2"] and rows[2][:2] == ["MaskCLIP", "50.0 ≈"]
+    text = results_table(runs, all_datasets=False, ci="interval").to_text().splitlines()
+    assert text[1].split()[:4] == ["LPOSS+", "60.0", "[59.0,", "61.5]"]

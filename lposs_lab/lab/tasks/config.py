@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
     from ..cache import FeatureCacheSpec
 
+from ..stats import CIConfig
+
 __all__ = [
     "lposs_config",
     "method_name",
@@ -37,6 +39,7 @@ __all__ = [
     "abstain_rule",
     "random_init_encoders",
     "postprocess_step",
+    "ci_config",
 ]
 
 
@@ -206,3 +209,19 @@ def postprocess_step(cfg: DictConfig) -> PAMRStep | None:
 
         return PAMRStep(int(section.get("iterations", 10)), tuple(section.get("dilations", (8, 16))))
     raise ConfigError(f"unknown postprocess {name!r}; valid: none, pamr (e.g. postprocess=pamr)")
+
+
+def ci_config(cfg: Any) -> CIConfig:
+    """The bootstrap intervals a run asks for (``metrics.ci``; a missing key takes :class:`CIConfig`'s).
+
+    Raises:
+        ConfigError: a value out of range (named with its valid range).
+    """
+    metrics = (cfg.get("metrics") if cfg is not None else None) or {}
+    section = plain(metrics.get("ci")) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"metrics.ci={section!r} is not a section; set metrics.ci.resamples=N etc.")
+    unknown = sorted(set(section) - {"level", "resamples", "seed"})
+    if unknown:
+        raise ConfigError(f"unknown key metrics.ci.{unknown[0]}; valid: level, resamples, seed")
+    return CIConfig(**section)

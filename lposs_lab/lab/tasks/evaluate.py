@@ -31,11 +31,13 @@ from ..data.benchmarks import BENCHMARKS, BenchmarkInfo, get_benchmark
 from ..data.dataset import SegmentationDataset
 from ..metrics import DILATION_RATIO
 from ..records import StateStore, summarize
+from ..stats import CIConfig, results_intervals
 from ..tables import method_label, results_table
 from .config import (
     abstain_rule,
     cache_spec,
     check_output_dir,
+    ci_config,
     hydra_overrides,
     lposs_config,
     method_name,
@@ -74,6 +76,7 @@ class EvalPlan:
     resolved: dict[str, Any]
     save_predictions: str | None = None
     num_workers: int = 0
+    ci: CIConfig = field(default_factory=CIConfig)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -171,6 +174,7 @@ def plan_evaluation(cfg: DictConfig) -> EvalPlan:
     mcfg = cfg.get("metrics") or {}
     boundary = bool(mcfg.get("boundary", False))
     dilation = float(mcfg.get("dilation_ratio", DILATION_RATIO))
+    ci = ci_config(cfg)
     meta = {
         "dataset": info.name,
         **meta,
@@ -218,6 +222,7 @@ def plan_evaluation(cfg: DictConfig) -> EvalPlan:
         resolved=plain(cfg),
         save_predictions=save_predictions,
         num_workers=int(cfg.get("num_workers", 0)),
+        ci=ci,
     )
 
 
@@ -286,23 +291,27 @@ def write_results(plan: EvalPlan, wall: float, world: int) -> dict[str, Any]:
     summary = summarize(
         records, plan.info.classes, boundary=plan.boundary, dilation_ratio=plan.dilation_ratio
     )
+    intervals = results_intervals(records, plan.info.classes, plan.ci, boundary=plan.boundary)
     results: dict[str, Any] = {
         "dataset": plan.info.name,
         "method": plan.method,
         "label": plan.label,
-        "mIoU": summary["mIoU"],
     }
-    if plan.boundary:
-        results["boundary_iou"] = summary["boundary_iou"]
+    # each score followed by its interval (percent, like the score), when metrics.ci is on
+    for key in ("mIoU", *(["boundary_iou"] if plan.boundary else []), "pixel_accuracy"):
+        results[key] = summary[key]
+        if f"{key}_ci" in intervals:
+            results[f"{key}_ci"] = intervals[f"{key}_ci"]
     results.update(
-        pixel_accuracy=summary["pixel_accuracy"],
+        ci=intervals["ci"],
         num_images=summary["num_images"],
         errors=summary["errors"],
         resumed=len(plan.done),
-        per_class_iou=summary["per_class_iou"],
     )
-    if plan.boundary:
-        results["per_class_boundary_iou"] = summary["per_class_boundary_iou"]
+    for key in ("per_class_iou", *(["per_class_boundary_iou"] if plan.boundary else [])):
+        results[key] = summary[key]
+        if f"{key}_ci" in intervals:
+            results[f"{key}_ci"] = intervals[f"{key}_ci"]
     results.update(
         seconds_per_image=summary["seconds_per_image"],
         wall_seconds=round(wall, 3),
@@ -319,10 +328,21 @@ def write_results(plan: EvalPlan, wall: float, world: int) -> dict[str, Any]:
     with atomic_write(plan.results_path, "w") as fh:
         json.dump(results, fh, indent=1)
     print()
-    print(results_table([results], "mIoU", all_datasets=False).to_text())
+    print(results_table([results], "mIoU", all_datasets=False, ci="interval").to_text())
     if plan.boundary:
         print()
-        print(results_table([results], "boundary_iou", all_datasets=False).to_text())
+        print(results_table([results], "boundary_iou", all_datasets=False, ci="interval").to_text())
+    if plan.ci.enabled:
+        level, n_res = 100 * plan.ci.level, plan.ci.resamples
+        print(f"[low, high]: {level:g} % bootstrap interval over the images ({n_res} resamples)")
+        iv = results.get("mIoU_ci")
+        if iv and results["mIoU"] is not None and not iv[0] <= results["mIoU"] <= iv[1]:
+            print(
+                "note: the mIoU lies outside its interval: classes that are in few images score lower in "
+                "resamples that hold fewer of those images (their false positives elsewhere stay), so the "
+                "percentile interval sits low; read its width, and compare runs with `python -m "
+                "lposs_lab.lab.report compare` (README: Reading differences)"
+            )
     n = summary["num_images"]
     print(
         f"\n{plan.info.name}: {n} image(s) scored in {wall:.1f}s ({world} process(es)); "

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lposs_lab.errors import ConfigError
 
-from .config import plain
+from .config import ci_config, plain
 
 __all__ = [
     "LoggerOptions",
@@ -133,7 +133,8 @@ def build_callbacks(
             callback.description = description
         out.append(callback)
     log_images = max([int(o.get("log_images", 0)) for o in (options or {}).values()] or [0])
-    out += [FeatureCacheTally(), EvaluationReport(**dict(report or {}), log_images=log_images)]
+    report = {**dict(report or {}), "ci": ci_config(cfg)}
+    out += [FeatureCacheTally(), EvaluationReport(**report, log_images=log_images)]
     return out
 
 
