@@ -27,10 +27,12 @@ from lposs_lab import __version__
 from lposs_lab.errors import ConfigError, UserError
 from lposs_lab.files import atomic_write
 
-from ..data.benchmarks import BENCHMARKS, BenchmarkInfo, get_benchmark
+from ..data.benchmarks import BenchmarkInfo
 from ..data.dataset import SegmentationDataset
+from ..data.folder import unpaired_files
 from ..records import StateStore, summarize
 from ..tables import method_label, results_table
+from .benchmark import benchmark_of
 from .config import (
     abstain_rule,
     cache_spec,
@@ -81,23 +83,19 @@ class EvalPlan:
 
 
 def dataset_of(cfg: DictConfig) -> tuple[BenchmarkInfo, SegmentationDataset]:
-    """The benchmark and its dataset a run names (``dataset``, ``data_root``, ``limit``), checked."""
-    ds_cfg = cfg.get("dataset")
-    if not ds_cfg or not ds_cfg.get("name"):
-        raise UserError(f"no dataset given: pass dataset=NAME, one of: {', '.join(BENCHMARKS)}")
-    info = get_benchmark(str(ds_cfg.name))
-    root = cfg.get("data_root")
-    if not root:
-        raise UserError(
-            f"no data folder given: set paths.data_dir=DIR (or $LPOSS_DATA_DIR), the folder holding "
-            f"{info.root}/"
-        )
+    """The benchmark and its dataset a run names (``dataset``, ``data_root``, ``limit``), checked.
+
+    ``dataset=folder`` lists its images without a label and labels without an image in one warning line.
+    """
+    info, root = benchmark_of(cfg)
     limit = cfg.get("limit")
     if limit is not None and (not isinstance(limit, int) or limit < 0):
         raise ConfigError(f"limit={limit!r} is out of range; valid: an integer >= 0 (or null for all images)")
-    dataset = SegmentationDataset(
-        info, Path(str(root)).expanduser(), limit=limit, index_cache_dir=cfg.get("index_cache_dir")
-    )
+    dataset = SegmentationDataset(info, root, limit=limit, index_cache_dir=cfg.get("index_cache_dir"))
+    if not info.strict and process_rank() == 0:
+        unpaired = unpaired_files(info)
+        if unpaired:
+            print(f"warning: dataset={info.name}: {unpaired.message()}", file=sys.stderr, flush=True)
     if len(dataset) == 0:
         raise UserError(f"nothing to evaluate: limit={limit} selects no image of {info.name}")
     return info, dataset
@@ -172,6 +170,9 @@ def plan_evaluation(cfg: DictConfig) -> EvalPlan:
     dilation = float(mcfg.get("dilation_ratio", 0.02))
     meta = {
         "dataset": info.name,
+        "vocabulary": info.vocabulary,
+        **({"classes": list(info.classes)} if info.vocabulary != "default" or not info.strict else {}),
+        **({"data": _folder_meta(info)} if not info.strict else {}),
         **meta,
         "metrics": {"boundary": boundary, "dilation_ratio": dilation},
         "version": __version__,
@@ -198,6 +199,8 @@ def plan_evaluation(cfg: DictConfig) -> EvalPlan:
     done = [k for k in dataset.ids if k in have]
     overrides = hydra_overrides()
     ablation = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] in _ABLATION_KEYS]
+    if info.vocabulary != "default":
+        ablation.append(f"vocabulary={Path(info.vocabulary).name}")
     label = method_label(method) + (f" [{', '.join(ablation)}]" if ablation else "")
     return EvalPlan(
         info=info,
@@ -248,6 +251,7 @@ def run_evaluation(plan: EvalPlan, cfg: DictConfig) -> int | None:
             "lposs_lab_version": __version__,
             "label": plan.label,
             "dataset": plan.info.name,
+            "vocabulary": plan.info.vocabulary,
         },
     )
     datamodule = EvalDataModule(plan.dataset, skip=plan.done, num_workers=plan.num_workers)
@@ -274,6 +278,7 @@ def write_results(plan: EvalPlan, wall: float, world: int) -> dict[str, Any]:
     )
     results: dict[str, Any] = {
         "dataset": plan.info.name,
+        "vocabulary": plan.info.vocabulary,
         "method": plan.method,
         "label": plan.label,
         "mIoU": summary["mIoU"],
@@ -324,6 +329,12 @@ def write_results(plan: EvalPlan, wall: float, world: int) -> dict[str, Any]:
         for e in summary["errors"]:
             print(f"  {e['id']}: {e['error']}")
     return results
+
+
+def _folder_meta(info: BenchmarkInfo) -> dict[str, Any]:
+    """What a ``dataset=folder`` run scored (its state store refuses to resume with other folders)."""
+    keys = ("images", "labels", "image_suffix", "label_suffix", "split", "reduce_zero_label", "ignore_index")
+    return {k: getattr(info, k) for k in keys}
 
 
 def _random_init(plan: EvalPlan) -> list[str]:
