@@ -2,7 +2,8 @@
 
 Runs are ``results.json`` dicts; each names its ``vocabulary`` (runs written before there was one used
 ``default``). One row per (configuration, dataset) that was scored under ``default`` and at least one other
-vocabulary, in the paper's dataset order, then an ``Avg`` row over the datasets every vocabulary covers.
+vocabulary, in the paper's dataset order, then (for two datasets or more) an ``Avg`` row over the datasets
+every vocabulary covers.
 
 A cell is ``mIoU [low, high]`` with the run's bootstrap interval ``mIoU_ci`` when it has one. The drop is
 ``mIoU(vocabulary) - mIoU(default)`` (negative: worse than the default names); its interval, when both runs
@@ -93,7 +94,8 @@ def robustness_table(runs: Sequence[Mapping[str, Any]]) -> Table | None:
                 cells += [_with_interval(run["mIoU"], lo_hi_v), _with_interval(drop, drop_ci, signed=True)]
             name = DATASET_COLUMNS.get(key[1], key[1])
             rows.append((f"{config} {name}" if several else name, tuple(cells)))
-        rows.append(_average_row(config if several else "", [grid[k] for k in mine], others))
+        if len(mine) > 1:
+            rows.append(_average_row(config if several else "", [grid[k] for k in mine], others))
     header = ("dataset", "default", *[h for v in others for h in (v, f"Δ {v}")])
     return Table("Vocabulary robustness, mIoU (%)", header, tuple(rows))
 

@@ -194,3 +194,21 @@ def test_no_robustness_table_without_a_second_vocabulary():
     old = {k: v for k, v in _run("voc", "default", 60.0).items() if k != "vocabulary"}
     table = robustness_table([old, _run("voc", "first", 55.0)])
     assert table is not None and table.rows[0] == ("VOC", ("60.0", "55.0", "-5.0"))
+
+
+def test_rows_group_runs_by_their_label_without_the_vocabulary():
+    def bare(dataset, vocabulary, miou, label):
+        return {"dataset": dataset, "vocabulary": vocabulary, "method": "lposs", "label": label, "mIoU": miou}
+
+    runs = [
+        bare("voc20", "default", 70.0, "LPOSS [lp.k=800]"),
+        bare("voc20", "/x/names.txt", 66.5, "LPOSS [lp.k=800, vocabulary=names.txt]"),
+        bare("voc20", "default", 71.0, "LPOSS"),
+        bare("voc20", "first", 71.0, "LPOSS [vocabulary=first]"),
+    ]
+    table = robustness_table(runs)
+    assert table.header == ("dataset", "default", "first", "Δ first", "names.txt", "Δ names.txt")
+    labels = [label for label, _ in table.rows]
+    assert labels == ["LPOSS [lp.k=800] VOC20", "LPOSS VOC20"]  # one dataset each: no Avg row
+    assert table.rows[0][1] == ("70.0", "-", "-", "66.5", "-3.5")
+    assert table.rows[1][1] == ("71.0", "71.0", "+0.0", "-", "-")
