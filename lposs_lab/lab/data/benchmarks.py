@@ -211,8 +211,9 @@ def find_samples(info: BenchmarkInfo, data_root: str | os.PathLike) -> list[tupl
             samples.append((key, img, lbl_dir / f"{key}{info.label_suffix}"))
     else:
         found = []
+        skip = info.label_suffix if labels_among_images(info, img_dir, lbl_dir) else None
         for img in img_dir.rglob(f"*{info.image_suffix}"):
-            if img.is_file() and not is_label_file(info, img_dir, lbl_dir, img):
+            if img.is_file() and not (skip and img.name.endswith(skip)):
                 rel = img.relative_to(img_dir).as_posix()
                 found.append((rel[: -len(info.image_suffix)], img))
         if not found:
@@ -234,14 +235,14 @@ def find_samples(info: BenchmarkInfo, data_root: str | os.PathLike) -> list[tupl
     return samples
 
 
-def is_label_file(info: BenchmarkInfo, img_dir: Path, lbl_dir: Path, path: Path) -> bool:
-    """Whether ``path``, found under the image folder, is a label map: images and labels share one folder
-    and the label suffix ends like the image suffix (``.png`` images, ``_mask.png`` labels)."""
+def labels_among_images(info: BenchmarkInfo, img_dir: Path, lbl_dir: Path) -> bool:
+    """Whether files ending in the label suffix found under the image folder are label maps, not images:
+    images and labels share one folder and the label suffix ends like the image suffix (``.png`` images,
+    ``_mask.png`` labels)."""
     return (
-        img_dir.resolve() == lbl_dir.resolve()
-        and info.label_suffix != info.image_suffix
+        info.label_suffix != info.image_suffix
         and info.label_suffix.endswith(info.image_suffix)
-        and path.name.endswith(info.label_suffix)
+        and img_dir.resolve() == lbl_dir.resolve()
     )
 
 

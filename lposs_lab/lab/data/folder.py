@@ -18,7 +18,7 @@ from pathlib import Path
 from lposs_lab.errors import ConfigError
 from lposs_lab.text import parse_classes
 
-from .benchmarks import IGNORE_INDEX, BenchmarkInfo, DatasetError, is_label_file
+from .benchmarks import IGNORE_INDEX, BenchmarkInfo, DatasetError, labels_among_images
 from .vocabulary import read_class_file
 
 __all__ = ["FOLDER", "Unpaired", "folder_benchmark", "unpaired_files"]
@@ -151,10 +151,11 @@ class Unpaired:
         return "; ".join(parts) + " are not scored"
 
 
-def _ids(folder: Path, suffix: str, skip: BenchmarkInfo | None = None) -> set[str]:
+def _ids(folder: Path, suffix: str, skip: str | None = None) -> set[str]:
+    """Ids of the files ending in ``suffix`` under ``folder``, leaving out those ending in ``skip``."""
     out = set()
     for p in _files(folder, suffix):
-        if skip is not None and is_label_file(skip, folder, Path(skip.labels), p):
+        if skip and p.name.endswith(skip):
             continue
         rel = p.relative_to(folder).as_posix()
         out.add(rel[: -len(suffix)])
@@ -164,7 +165,8 @@ def _ids(folder: Path, suffix: str, skip: BenchmarkInfo | None = None) -> set[st
 def unpaired_files(info: BenchmarkInfo) -> Unpaired:
     """The images and labels of a :func:`folder_benchmark` that have no partner (sorted ids)."""
     img_dir, lbl_dir = Path(info.images), Path(info.labels)
-    images = _ids(img_dir, info.image_suffix, info)
+    skip = info.label_suffix if labels_among_images(info, img_dir, lbl_dir) else None
+    images = _ids(img_dir, info.image_suffix, skip)
     labels = _ids(lbl_dir, info.label_suffix)
     if info.split:
         wanted = {ln.strip() for ln in Path(info.split).read_text().splitlines() if ln.strip()}

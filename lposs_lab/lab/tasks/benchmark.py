@@ -13,7 +13,7 @@ from omegaconf.errors import InterpolationResolutionError
 
 from lposs_lab.errors import ConfigError, UserError
 
-from ..data.benchmarks import BENCHMARKS, BenchmarkInfo, get_benchmark
+from ..data.benchmarks import BENCHMARKS, IGNORE_INDEX, BenchmarkInfo, get_benchmark
 from ..data.folder import FOLDER, folder_benchmark
 from ..data.vocabulary import VOCABULARIES, with_vocabulary
 from .config import plain
@@ -52,7 +52,7 @@ def _folder(ds: dict[str, Any], base: Path) -> BenchmarkInfo:
         classes,
         image_suffix=ds.get("image_suffix", ".jpg"),
         label_suffix=ds.get("label_suffix", ".png"),
-        ignore_index=ds.get("ignore_index", 255),
+        ignore_index=ds.get("ignore_index", IGNORE_INDEX),
         reduce_zero_label=bool(ds.get("reduce_zero_label", False)),
         split=None if ds.get("split") in (None, "") else _path(ds["split"], base),
     )
