@@ -23,7 +23,7 @@ from pathlib import Path
 from lposs_lab.errors import ConfigError
 from lposs_lab.text import parse_classes
 
-from .benchmarks import BenchmarkInfo
+from .benchmarks import BENCHMARKS, BenchmarkInfo
 
 __all__ = [
     "VOCABULARIES",
@@ -42,6 +42,12 @@ _JSON_PATH = Path(__file__).with_name("vocabularies.json")
 
 def _load_plain() -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
     raw = json.loads(_JSON_PATH.read_text())["plain"]
+    for name, entry in raw.items():  # a list that does not fit its benchmark is a packaging bug
+        if len(entry["classes"]) != BENCHMARKS[name].num_classes:
+            raise RuntimeError(
+                f"vocabularies.json: plain {name} lists {len(entry['classes'])} classes, "
+                f"not {BENCHMARKS[name].num_classes}"
+            )
     return (
         {name: tuple(entry["classes"]) for name, entry in raw.items()},
         {name: str(entry["source"]) for name, entry in raw.items()},
