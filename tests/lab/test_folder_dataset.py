@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
-from scoring import np_miou
+from scoring import np_boundary_miou, np_miou
 
 from lposs_lab.errors import ConfigError
 from lposs_lab.lab.data import DatasetError, SegmentationDataset
@@ -90,11 +90,13 @@ def test_folder_numbers_equal_numpy_and_relative_paths_resolve_against_the_start
     res = evaluate(
         compose_cfg(
             tmp_path, "dataset.images=images", "dataset.labels=labels", "dataset.classes=classes.txt",
-            f"predictions={tmp_path / 'preds'}",
+            f"predictions={tmp_path / 'preds'}", "metrics.boundary=true",
         )
     )  # fmt: skip
     gts = [raws[k] for k in IDS]  # classes 0..2 and 255: the raw maps are the targets
-    ref, _, _ = np_miou([preds[k] for k in IDS], gts, 3)
+    pred_list = [preds[k] for k in IDS]
+    ref, _, _ = np_miou(pred_list, gts, 3)
+    assert res["boundary_iou"] == pytest.approx(100 * np_boundary_miou(pred_list, gts, 3), abs=1e-9)
     assert res["dataset"] == "folder" and res["num_images"] == 4 and res["errors"] == []
     assert res["mIoU"] == pytest.approx(100 * ref, abs=1e-9)
     assert list(res["per_class_iou"]) == ["background", "cat", "dog"]
