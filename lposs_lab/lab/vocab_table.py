@@ -37,7 +37,8 @@ def vocabulary_name(run: Mapping[str, Any]) -> str:
 def _config_label(run: Mapping[str, Any]) -> str:
     """The run's row label without its vocabulary (``LPOSS+``, ``LPOSS+ [lp.k=800]``)."""
     label = _VOCAB_IN_LABEL.sub("", run_info(run)["row"])
-    return label.replace("[, ", "[").replace(" []", "").strip()
+    label = label.replace("[, ", "[").replace(" []", "").strip()
+    return label + (" (random init)" if run.get("random_init") else "")  # meaningless numbers say so
 
 
 def _interval(run: Mapping[str, Any] | None) -> tuple[float, float] | None:
@@ -97,7 +98,9 @@ def robustness_table(runs: Sequence[Mapping[str, Any]]) -> Table | None:
         if len(mine) > 1:
             rows.append(_average_row(config if several else "", [grid[k] for k in mine], others))
     header = ("dataset", "default", *[h for v in others for h in (v, f"Δ {v}")])
-    return Table("Vocabulary robustness, mIoU (%)", header, tuple(rows))
+    random = any(r.get("random_init") for k in keys for r in grid[k].values())
+    title = "Vocabulary robustness, mIoU (%)" + (" (random-init weights: meaningless)" if random else "")
+    return Table(title, header, tuple(rows))
 
 
 def _average_row(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -212,3 +214,30 @@ def test_rows_group_runs_by_their_label_without_the_vocabulary():
     assert labels == ["LPOSS [lp.k=800] VOC20", "LPOSS VOC20"]  # one dataset each: no Avg row
     assert table.rows[0][1] == ("70.0", "-", "-", "66.5", "-3.5")
     assert table.rows[1][1] == ("71.0", "71.0", "+0.0", "-", "-")
+    assert "random" not in table.title
+    marked = robustness_table([dict(r, random_init=["vm=tiny_random"]) for r in runs[2:]] + runs[:2])
+    assert "(random-init weights: meaningless)" in marked.title
+    assert [label for label, _ in marked.rows] == ["LPOSS (random init) VOC20", "LPOSS [lp.k=800] VOC20"]
+
+
+@pytest.mark.slow
+def test_experiment_vocabulary_through_run_py_and_the_report(tmp_path):
+    make_dataset(tmp_path / "data", "voc20", n_images=2)
+    cmd = [
+        sys.executable, str(REPO / "run.py"), "-m", "experiment=vocabulary", "dataset=voc20",
+        "dataset.vocabulary=default,plain", "vm=tiny_random", "vlm=tiny_random", "device=cpu",
+        "window.short_side=32", "data_root=data", "hydra.sweep.dir=mr", "text_cache_dir=null",
+        "cache.dir=cache", "logger=none", "num_workers=0", "trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    files = (tmp_path / "mr" / "voc20").glob("*/results.json")  # subdir <dataset>/<vocabulary>
+    runs = {f.parent.name: json.loads(f.read_text()) for f in files}
+    assert sorted(runs) == ["default", "plain"]
+    assert runs["plain"]["vocabulary"] == "plain" and runs["default"]["vocabulary"] == "default"
+    assert list(runs["plain"]["per_class_iou"])[10] == "diningtable"
+    assert list(runs["default"]["per_class_iou"])[10] == "dining table"
+    assert report_main([str(tmp_path / "mr"), "--out", str(tmp_path / "r.md")]) == 0
+    text = (tmp_path / "r.md").read_text()
+    d, p = runs["default"]["mIoU"], runs["plain"]["mIoU"]
+    assert f"| VOC20 | {d:.1f} | {p:.1f} | {p - d:+.1f} |" in text
