@@ -69,6 +69,8 @@ def test_plain_context59_is_context_without_background_and_coco_object_is_backgr
     assert context[1:] == plain_names("context59") and context[0] == "background"
     assert plain_names("coco_object") == ("background", *plain_names("coco_stuff")[:80])
     assert plain_names("voc")[1:] == plain_names("voc20")
+    with pytest.raises(ConfigError, match="folder has no plain vocabulary .*valid: default, first, or"):
+        plain_names("folder")
 
 
 def test_a_vocabulary_file_with_another_count_or_a_misspelt_name_is_refused(tmp_path):
