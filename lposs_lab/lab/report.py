@@ -30,6 +30,7 @@ from .tables import (
     results_table,
     run_info,
 )
+from .vocab_table import vocabulary_section
 
 __all__ = [
     "load_runs",
@@ -221,6 +222,7 @@ def markdown_report(
         if table.startswith("table6"):
             parts += ["| configuration | dataset | s/image |", "|---|---|---|"]
             parts += [f"| {a} | {b} | {cell(c) if c is None else f'{c:.3f}'} |" for a, b, c in secs] + [""]
+    parts += vocabulary_section(runs)  # runs scored under several vocabularies (experiment=vocabulary)
     for title, path in (figures or {}).items():
         parts += [f"## {title}", "", f"![{title}]({path})", ""]
     return "\n".join(parts)

@@ -21,6 +21,7 @@ __all__ = [
     "IGNORE_INDEX",
     "BenchmarkInfo",
     "DatasetError",
+    "encode_label",
     "find_samples",
     "get_benchmark",
     "load_label",
@@ -55,7 +56,13 @@ class BenchmarkInfo:
         label_suffix: file-name ending of label maps.
         split: split file relative to ``root`` listing the image ids, or None (all images are used).
         reduce_zero_label: label 0 is ignored and the other labels are shifted down by one.
-        num_images: size of the full validation split.
+        num_images: size of the full validation split (None: not known, ``dataset=folder``).
+        ignore_index: label value in the files that is not scored (255; ``dataset=folder`` may name another).
+        strict: every image must have its label, else the split cannot be used (the benchmarks). False
+            (``dataset=folder``): only images with a label are used; the others are listed by
+            :func:`lposs_lab.lab.data.folder.unpaired_files`.
+        vocabulary: which names ``classes`` holds: ``default`` (these), ``plain``, ``first`` or a file
+            (:mod:`lposs_lab.lab.data.vocabulary`).
     """
 
     name: str
@@ -67,7 +74,10 @@ class BenchmarkInfo:
     label_suffix: str
     split: str | None
     reduce_zero_label: bool
-    num_images: int
+    num_images: int | None
+    ignore_index: int = IGNORE_INDEX
+    strict: bool = True
+    vocabulary: str = "default"
 
     @property
     def num_classes(self) -> int:
@@ -168,10 +178,12 @@ def find_samples(info: BenchmarkInfo, data_root: str | os.PathLike) -> list[tupl
 
     Ids are image paths relative to the image folder without the image suffix
     (``frankfurt/frankfurt_000000_000294`` for Cityscapes). With a split file the ids come from it;
-    otherwise every image with the suffix is used (searched recursively).
+    otherwise every image with the suffix is used (searched recursively). A description that is not
+    ``strict`` (``dataset=folder``) keeps only the images that have a label instead of refusing the split.
 
     Raises:
-        DatasetError: a folder, the split file or a label file is missing, or no image is found.
+        DatasetError: a folder, the split file or a label file is missing, or no image is found (not
+            ``strict``: no image has a label).
     """
     root = resolve_root(info, data_root)
     img_dir, lbl_dir = root / info.images, root / info.labels
@@ -192,24 +204,75 @@ def find_samples(info: BenchmarkInfo, data_root: str | os.PathLike) -> list[tupl
         for key in ids:
             img = img_dir / f"{key}{info.image_suffix}"
             if not img.is_file():
+                if not info.strict:
+                    continue
                 raise DatasetError(f"image {img} listed in {split_file} not found")
             samples.append((key, img, lbl_dir / f"{key}{info.label_suffix}"))
     else:
         found = []
+        skip = info.label_suffix if labels_among_images(info, img_dir, lbl_dir) else None
         for img in img_dir.rglob(f"*{info.image_suffix}"):
-            if img.is_file():
+            if img.is_file() and not (skip and img.name.endswith(skip)):
                 rel = img.relative_to(img_dir).as_posix()
                 found.append((rel[: -len(info.image_suffix)], img))
         if not found:
             raise DatasetError(f"no images ending in {info.image_suffix!r} under {img_dir}")
         found.sort()
         samples = [(key, img, lbl_dir / f"{key}{info.label_suffix}") for key, img in found]
+    if not info.strict:
+        samples = [s for s in samples if s[2].is_file()]
+        if not samples:
+            raise DatasetError(
+                f"no image under {img_dir} has a label <id>{info.label_suffix} under {lbl_dir}; check "
+                "dataset.image_suffix and dataset.label_suffix"
+            )
     for key, _, lbl in samples:
         if not lbl.is_file():
             raise DatasetError(
                 f"label {lbl} for image {key!r} not found (expected <labels>/<id>{info.label_suffix})"
             )
     return samples
+
+
+def labels_among_images(info: BenchmarkInfo, img_dir: Path, lbl_dir: Path) -> bool:
+    """Whether files ending in the label suffix found under the image folder are label maps, not images:
+    images and labels share one folder and the label suffix ends like the image suffix (``.png`` images,
+    ``_mask.png`` labels)."""
+    return (
+        info.label_suffix != info.image_suffix
+        and info.label_suffix.endswith(info.image_suffix)
+        and img_dir.resolve() == lbl_dir.resolve()
+    )
+
+
+def encode_label(
+    raw: np.ndarray, num_classes: int, *, reduce_zero: bool = False, ignore_index: int = IGNORE_INDEX
+) -> tuple[np.ndarray, int | None]:
+    """A label map as read from its file -> the scored classes ``0..C-1`` and :data:`IGNORE_INDEX`.
+
+    ``ignore_index`` pixels are ignored; with ``reduce_zero`` so are the 0 pixels and every other value
+    is shifted down by one (MMSeg's ``reduce_zero_label``). With the defaults this equals
+    :func:`reduce_zero_label` (or the map itself) for every valid label map.
+
+    Args:
+        raw: ``[H, W]`` integer label map as stored.
+        num_classes: C, the number of classes scored.
+
+    Returns:
+        ``(label, bad)``: the ``[H, W]`` uint8 map, and the first value (after the shift) that is not a
+        class, or None when every value is valid.
+    """
+    if raw.ndim != 2:
+        raise ValueError(f"label map must be [H, W], got shape {raw.shape}")
+    arr = raw.astype(np.int64)
+    ignored = arr == ignore_index
+    if reduce_zero:
+        ignored |= arr == 0
+        arr = arr - 1
+    wrong = ~ignored & ((arr < 0) | (arr >= num_classes))
+    bad = int(arr[wrong][0]) if wrong.any() else None
+    arr[ignored | wrong] = IGNORE_INDEX
+    return arr.astype(np.uint8), bad
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ import torch
 
 from lposs_lab.image_io import ImageError, load_image
 
-from .benchmarks import IGNORE_INDEX, BenchmarkInfo, DatasetError, find_samples, get_benchmark, load_label
+from .benchmarks import BenchmarkInfo, DatasetError, encode_label, find_samples, get_benchmark, load_label
 from .index import build_index
 
 __all__ = ["SegmentationDataset", "collate_samples"]
@@ -101,19 +101,22 @@ class SegmentationDataset(torch.utils.data.Dataset):
         except ImageError as exc:
             errors.append(str(exc))
         try:
-            sample["label"] = load_label(lbl_path, self.info.reduce_zero_label)
+            raw = load_label(lbl_path)
         except ImageError as exc:
             errors.append(str(exc))
-        if sample["label"] is not None:
-            label = sample["label"]
-            bad = (label != IGNORE_INDEX) & (label >= self.info.num_classes)
-            if bad.any():
+        else:
+            info = self.info
+            label, bad = encode_label(
+                raw, info.num_classes, reduce_zero=info.reduce_zero_label, ignore_index=info.ignore_index
+            )
+            if bad is None:
+                sample["label"] = label
+            else:
+                stored = f" (stored as {bad + 1}, before reduce_zero_label)" if info.reduce_zero_label else ""
                 errors.append(
-                    f"label {lbl_path} holds value {int(label[bad][0])}; "
-                    f"valid: 0..{self.info.num_classes - 1} "
-                    f"(after reduce_zero_label) or {IGNORE_INDEX} (ignore)"
+                    f"label {lbl_path} holds value {bad}{stored}; valid: 0..{info.num_classes - 1} "
+                    f"(after reduce_zero_label) or {info.ignore_index} (ignore)"
                 )
-                sample["label"] = None
         if not errors and sample["image"].shape[:2] != sample["label"].shape:
             errors.append(
                 f"image {img_path} is {sample['image'].shape[0]}x{sample['image'].shape[1]} but its label is "

@@ -27,12 +27,14 @@ from lposs_lab import __version__
 from lposs_lab.errors import ConfigError, UserError
 from lposs_lab.files import atomic_write
 
-from ..data.benchmarks import BENCHMARKS, BenchmarkInfo, get_benchmark
+from ..data.benchmarks import BenchmarkInfo
 from ..data.dataset import SegmentationDataset
+from ..data.folder import unpaired_files
 from ..metrics import DILATION_RATIO
 from ..records import StateStore, summarize
 from ..stats import CIConfig, results_intervals
 from ..tables import method_label, results_table
+from .benchmark import benchmark_of
 from .config import (
     abstain_rule,
     cache_spec,
@@ -85,23 +87,19 @@ class EvalPlan:
 
 
 def dataset_of(cfg: DictConfig) -> tuple[BenchmarkInfo, SegmentationDataset]:
-    """The benchmark and its dataset a run names (``dataset``, ``data_root``, ``limit``), checked."""
-    ds_cfg = cfg.get("dataset")
-    if not ds_cfg or not ds_cfg.get("name"):
-        raise UserError(f"no dataset given: pass dataset=NAME, one of: {', '.join(BENCHMARKS)}")
-    info = get_benchmark(str(ds_cfg.name))
-    root = cfg.get("data_root")
-    if not root:
-        raise UserError(
-            f"no data folder given: set paths.data_dir=DIR (or $LPOSS_DATA_DIR), the folder holding "
-            f"{info.root}/"
-        )
+    """The benchmark and its dataset a run names (``dataset``, ``data_root``, ``limit``), checked.
+
+    ``dataset=folder`` lists its images without a label and labels without an image in one warning line.
+    """
+    info, root = benchmark_of(cfg)
     limit = cfg.get("limit")
     if limit is not None and (not isinstance(limit, int) or limit < 0):
         raise ConfigError(f"limit={limit!r} is out of range; valid: an integer >= 0 (or null for all images)")
-    dataset = SegmentationDataset(
-        info, Path(str(root)).expanduser(), limit=limit, index_cache_dir=cfg.get("index_cache_dir")
-    )
+    dataset = SegmentationDataset(info, root, limit=limit, index_cache_dir=cfg.get("index_cache_dir"))
+    if not info.strict and process_rank() == 0:
+        unpaired = unpaired_files(info)
+        if unpaired:
+            print(f"warning: dataset={info.name}: {unpaired.message()}", file=sys.stderr, flush=True)
     if len(dataset) == 0:
         raise UserError(f"nothing to evaluate: limit={limit} selects no image of {info.name}")
     return info, dataset
@@ -177,6 +175,9 @@ def plan_evaluation(cfg: DictConfig) -> EvalPlan:
     ci = ci_config(cfg)
     meta = {
         "dataset": info.name,
+        "vocabulary": info.vocabulary,
+        **({"classes": list(info.classes)} if info.vocabulary != "default" or not info.strict else {}),
+        **({"data": _folder_meta(info)} if not info.strict else {}),
         **meta,
         "metrics": {"boundary": boundary, "dilation_ratio": dilation},
         "version": __version__,
@@ -203,6 +204,8 @@ def plan_evaluation(cfg: DictConfig) -> EvalPlan:
     done = [k for k in dataset.ids if k in have]
     overrides = hydra_overrides()
     ablation = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] in _ABLATION_KEYS]
+    if info.vocabulary != "default":
+        ablation.append(f"vocabulary={Path(info.vocabulary).name}")
     label = method_label(method) + (f" [{', '.join(ablation)}]" if ablation else "")
     return EvalPlan(
         info=info,
@@ -254,6 +257,7 @@ def run_evaluation(plan: EvalPlan, cfg: DictConfig) -> int | None:
             "lposs_lab_version": __version__,
             "label": plan.label,
             "dataset": plan.info.name,
+            "vocabulary": plan.info.vocabulary,
         },
     )
     datamodule = EvalDataModule(plan.dataset, skip=plan.done, num_workers=plan.num_workers)
@@ -294,6 +298,7 @@ def write_results(plan: EvalPlan, wall: float, world: int) -> dict[str, Any]:
     intervals = results_intervals(records, plan.info.classes, plan.ci, boundary=plan.boundary)
     results: dict[str, Any] = {
         "dataset": plan.info.name,
+        "vocabulary": plan.info.vocabulary,
         "method": plan.method,
         "label": plan.label,
     }
@@ -364,6 +369,10 @@ def write_results(plan: EvalPlan, wall: float, world: int) -> dict[str, Any]:
     return results
 
 
+def _folder_meta(info: BenchmarkInfo) -> dict[str, Any]:
+    """What a ``dataset=folder`` run scored (its state store refuses to resume with other folders)."""
+    keys = ("images", "labels", "image_suffix", "label_suffix", "split", "reduce_zero_label", "ignore_index")
+    return {k: getattr(info, k) for k in keys}
 def report_saved_scores(plan: EvalPlan) -> str | None:
     """Print (and return) where ``save_scores`` put the score files and their total size; None without."""
     folder = getattr(plan.source, "save_scores", None)
