@@ -18,10 +18,10 @@ from http_server import FileServer, guard_network
 from PIL import Image
 from synthetic_archives import H, W, encode_rle, make_archives, write_manifest
 
-from lposs_lab.lab.data import SegmentationDataset, get_benchmark
+from lposs_lab.lab.data import DatasetError, SegmentationDataset, get_benchmark
 from lposs_lab.lab.data.prepare import RetryPolicy, load_manifest, prepare_datasets, resolve_names
 from lposs_lab.lab.data.prepare.__main__ import main
-from lposs_lab.lab.data.prepare.context import decode_counts, decode_rle
+from lposs_lab.lab.data.prepare.context import context_label, decode_counts, decode_rle
 
 FAST = RetryPolicy(attempts=3, delay=0.0, factor=1.0, timeout=10.0)
 
@@ -92,6 +92,22 @@ def test_rle_round_trip_random_masks():
     mask = np.zeros((300, 400), bool)
     mask[10:290, 5:395] = True  # runs > 2**15 need several groups
     np.testing.assert_array_equal(decode_rle(encode_rle(mask)), mask)
+
+
+def test_context_label_paints_in_order_and_refuses_other_categories():
+    a = np.zeros((3, 4), bool)
+    a[:2, :3] = True
+    b = np.zeros((3, 4), bool)
+    b[1:, 2:] = True
+    lab = context_label("x", 3, 4, [(9, encode_rle(a)), (458, encode_rle(b))])
+    want = np.zeros((3, 4), np.uint8)
+    want[a] = 2  # id 9 is the 2nd of the 59
+    want[b] = 59  # id 458 the last, painted over 9
+    np.testing.assert_array_equal(lab, want)
+    with pytest.raises(DatasetError, match=r"2008_000001 holds category id\(s\) \[3\]"):
+        context_label("2008_000001", 3, 4, [(3, encode_rle(a))])
+    with pytest.raises(DatasetError, match="is 3x4, the image is 4x4"):
+        context_label("2008_000001", 4, 4, [(9, encode_rle(a))])
 
 
 def test_names_and_manifest():

@@ -47,14 +47,11 @@ class Synthetic:
 
 def encode_rle(mask: np.ndarray) -> dict:
     """COCO compressed RLE of a ``[h, w]`` bool mask (column-major runs, 5-bit groups, delta from i-2)."""
-    flat = mask.T.reshape(-1).astype(np.uint8)
-    runs, cur, n = [], 0, 0
-    for v in flat:
-        if v != cur:
-            runs.append(n)
-            cur, n = v, 0
-        n += 1
-    runs.append(n)
+    flat = mask.T.reshape(-1).astype(np.int8)
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    if flat.size and flat[0] == 1:  # runs start with zeros
+        runs = [0, *runs]
     out = []
     for i, x in enumerate(runs):
         if i > 2:

@@ -70,6 +70,12 @@ def decode_rle(segmentation: dict) -> np.ndarray:
     Raises:
         ValueError: malformed counts, negative runs, or runs that do not add up to ``h * w``.
     """
+    h, w, flat = _column_major(segmentation)
+    return flat.reshape(w, h).T
+
+
+def _column_major(segmentation: dict) -> tuple[int, int, np.ndarray]:
+    """``(h, w, mask)`` with the mask flat in column-major order (``[h * w]`` bool)."""
     h, w = (int(v) for v in segmentation["size"])
     counts = segmentation["counts"]
     runs = decode_counts(counts) if isinstance(counts, str) else [int(c) for c in counts]
@@ -77,8 +83,7 @@ def decode_rle(segmentation: dict) -> np.ndarray:
         raise ValueError("RLE holds a negative run length")
     if sum(runs) != h * w:
         raise ValueError(f"RLE runs cover {sum(runs)} pixels, the mask has {h}x{w} = {h * w}")
-    flat = np.repeat((np.arange(len(runs)) % 2).astype(bool), runs)
-    return flat.reshape(w, h).T
+    return h, w, np.repeat((np.arange(len(runs)) % 2).astype(bool), runs)
 
 
 def context_label(stem: str, height: int, width: int, segmentations: list[tuple[int, dict]]) -> np.ndarray:
@@ -87,29 +92,29 @@ def context_label(stem: str, height: int, width: int, segmentations: list[tuple[
     Raises:
         DatasetError: a mask of another size, or a category that is not one of the 59 (names the image).
     """
-    raw = np.zeros((height, width), dtype=np.int32)
+    raw = np.zeros(height * width, dtype=np.int32)  # painted in the masks' column-major order
     for category, rle in segmentations:
         try:
-            mask = decode_rle(rle)
+            h, w, mask = _column_major(rle)
         except (ValueError, KeyError, TypeError) as exc:
             raise DatasetError(
                 f"trainval_merged.json: bad mask for {stem} (category {category}): {exc}"
             ) from None
-        if mask.shape != raw.shape:
+        if (h, w) != (height, width):
             raise DatasetError(
-                f"trainval_merged.json: a mask of {stem} is {mask.shape[0]}x{mask.shape[1]}, "
-                f"the image is {height}x{width}"
+                f"trainval_merged.json: a mask of {stem} is {h}x{w}, the image is {height}x{width}"
             )
         raw[mask] = category
     lut = context_lut()
-    values = np.unique(raw)
-    bad = [int(v) for v in values if v >= len(lut) or lut[v] < 0]
-    if bad:
+    in_range = not raw.size or (raw.min() >= 0 and raw.max() < len(lut))
+    mapped = lut[raw] if in_range else None
+    if mapped is None or (mapped < 0).any():
+        bad = sorted({int(v) for v in np.unique(raw) if v < 0 or v >= len(lut) or lut[v] < 0})
         raise DatasetError(
             f"trainval_merged.json: {stem} holds category id(s) {bad[:5]} outside the 59 Context classes; "
             "is it the PASCAL in Detail file?"
         )
-    return lut[raw].astype(np.uint8)
+    return np.ascontiguousarray(mapped.astype(np.uint8).reshape(width, height).T)
 
 
 def split_lists(data: dict) -> tuple[dict[str, tuple[int, int, list]], list[str], list[str]]:
