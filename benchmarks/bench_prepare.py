@@ -139,7 +139,7 @@ def main() -> None:
         rows = bench_prepare_all(tmp / "all", args.n, args.workers)
         print(f"| prepare (workers={args.workers}) | wall s |\n|---|---|")
         for name, sec in rows:
-            print(f"| {name} | {sec:.2f} |")
+            print(f"| {name} | {sec:.3f} |")
         (tmp / "conv").mkdir()
         conv = bench_conversions(tmp / "conv", args.files, args.workers)
         print(

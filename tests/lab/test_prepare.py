@@ -440,3 +440,17 @@ def test_converted_labels_are_single_channel_pngs(prepared):
     p = next((root / info.root / info.labels).glob("*.png"))
     with Image.open(p) as img:
         assert img.mode == "L" and img.size == (W, H)
+
+
+def test_progress_lines_show_bytes_rate_and_eta():
+    import io
+
+    from lposs_lab.lab.data.prepare.download import Progress
+
+    out = io.StringIO()  # not a terminal: plain lines
+    p = Progress("x.tar", 4_000_000, 1_000_000, stream=out, every=0.0)
+    p.update(1_000_000)
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and "\r" not in out.getvalue()
+    assert lines[-1].startswith("x.tar: 2.0 MB of 4.0 MB (50%), ") and "MB/s, ETA " in lines[-1]
