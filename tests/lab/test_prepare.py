@@ -454,3 +454,13 @@ def test_progress_lines_show_bytes_rate_and_eta():
     lines = out.getvalue().splitlines()
     assert len(lines) == 2 and "\r" not in out.getvalue()
     assert lines[-1].startswith("x.tar: 2.0 MB of 4.0 MB (50%), ") and "MB/s, ETA " in lines[-1]
+
+
+def test_several_processes_write_the_same_labels(tmp_path):
+    big = make_archives(tmp_path / "archives", n=9, seed=3)  # >= 4 tasks per worker: the pools are used
+    mf = write_manifest(tmp_path / "m.json", big, None)
+    root = tmp_path / "data"
+    args = ["context", "coco_object", "--root", str(root), "--manifest", str(mf)]
+    assert main([*args, "--archives", str(tmp_path / "archives"), "--workers", "2"]) == 0
+    for name in ("context", "coco_stuff", "coco_object"):
+        assert_labels_equal(root, name, big.labels[name])
