@@ -5,6 +5,7 @@
     python run.py dataset=voc method=oracle_patch
     python run.py dataset=voc trainer.devices=4                     # 4 processes (DDP), same numbers
     python run.py dataset=voc hydra.run.dir=RUN resume=true         # continue a stopped run in RUN
+    python run.py dataset=voc20 dataset.download=true               # fetch and convert VOC first if needed
 
 Three steps: :func:`plan_evaluation` checks everything the run needs and builds nothing,
 :func:`run_evaluation` builds the loggers, trainer and Lightning module and runs the test loop,
