@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import tarfile
 import zipfile
 from dataclasses import dataclass, field
@@ -22,7 +23,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["H", "W", "Synthetic", "encode_rle", "make_archives", "write_manifest"]
+__all__ = [
+    "H",
+    "W",
+    "Synthetic",
+    "assert_labels_equal",
+    "copy_cityscapes",
+    "encode_rle",
+    "error_lines",
+    "make_archives",
+    "snapshot",
+    "write_manifest",
+]
 
 H, W = 24, 32  # every synthetic image is 32x24 (W x H)
 
@@ -291,3 +303,34 @@ def write_manifest(path: Path, syn: Synthetic, base_url: str | None, **override:
         archives[name] = entry
     path.write_text(json.dumps({"archives": archives, "expected": dict(syn.counts)}))
     return path
+
+
+# ------------------------------------------------------------------ checks shared by the prepare tests
+def copy_cityscapes(syn: Synthetic, downloads: Path) -> None:
+    """Put the two Cityscapes zips where a user would (they have no URL)."""
+    downloads.mkdir(parents=True, exist_ok=True)
+    for name in ("gtFine_trainvaltest.zip", "leftImg8bit_trainvaltest.zip"):
+        shutil.copy(syn.archives[name], downloads / name)
+
+
+def error_lines(err: str) -> list[str]:
+    """The ``error:`` lines of stderr (progress lines go there too)."""
+    return [ln for ln in err.splitlines() if ln.startswith("error:")]
+
+
+def snapshot(root: Path) -> dict[str, int]:
+    """``{file: mtime_ns}`` of every file below ``root``."""
+    return {str(p): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_labels_equal(root: Path, name: str, expected: dict[str, np.ndarray]) -> None:
+    """What ``dataset=name`` reads under ``root`` (ids, labels, image sizes) is exactly ``expected``."""
+    from lposs_lab.lab.data import SegmentationDataset
+
+    ds = SegmentationDataset(name, root)
+    assert sorted(ds.ids) == sorted(expected)
+    for i in range(len(ds)):
+        s = ds[i]
+        assert "error" not in s, s.get("error")
+        np.testing.assert_array_equal(s["label"], expected[s["id"]], err_msg=f"{name} {s['id']}")
+        assert s["image"].shape == (H, W, 3)
