@@ -12,7 +12,7 @@ import ctypes
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,21 +50,35 @@ class EvalDataModule(pl.LightningDataModule):
         dataset: the benchmark's :class:`SegmentationDataset` (already restricted by ``limit``).
         skip: ids already evaluated (resume): not loaded again.
         num_workers: DataLoader worker processes (decoding overlaps prediction).
+        prepare: called by :meth:`prepare_data` (``dataset.download=true``: the benchmark's ``prepare``,
+            which does nothing when its stamp is valid).
 
     ``todo`` (dataset indices still to run) is the same on every process: rank ``r`` of ``W`` takes
     ``todo[r::W]`` (Lightning's DistributedSampler would pad with duplicates and change the numbers).
     """
 
     def __init__(
-        self, dataset: SegmentationDataset, *, skip: Sequence[str] = (), num_workers: int = 0
+        self,
+        dataset: SegmentationDataset,
+        *,
+        skip: Sequence[str] = (),
+        num_workers: int = 0,
+        prepare: Callable[[], object] | None = None,
     ) -> None:
         super().__init__()
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.prepare = prepare
+        self.prepare_data_per_node = True
         self.dataset = dataset
         self.num_workers = int(num_workers)
         skipped = set(skip)
         self.todo: list[int] = [i for i, k in enumerate(dataset.ids) if k not in skipped]
+
+    def prepare_data(self) -> None:
+        """Lightning calls this once per node (local rank 0) before ``setup``: fetch/convert the data."""
+        if self.prepare is not None:
+            self.prepare()
 
     def test_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)

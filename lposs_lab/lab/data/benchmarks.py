@@ -147,7 +147,11 @@ def resolve_root(info: BenchmarkInfo, data_root: str | os.PathLike) -> Path:
     """
     data_root = Path(data_root)
     primary = data_root / info.root
-    fix = "set $LPOSS_DATA_DIR or pass paths.data_dir=DIR (the folder holding it); see docs/reproduce.md"
+    fix = (
+        f"create it with: python -m lposs_lab.lab.data.prepare {info.name} --root {data_root} (or add "
+        "dataset.download=true), or point to where it is with $LPOSS_DATA_DIR or paths.data_dir=DIR (the "
+        "folder holding it); see docs/reproduce.md"
+    )
     if not data_root.is_dir():
         raise DatasetError(
             f"data root {data_root} not found ({info.name} expected as {info.layout(str(primary))}); {fix}"

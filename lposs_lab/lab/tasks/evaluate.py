@@ -5,6 +5,7 @@
     python run.py dataset=voc method=oracle_patch
     python run.py dataset=voc trainer.devices=4                     # 4 processes (DDP), same numbers
     python run.py dataset=voc hydra.run.dir=RUN resume=true         # continue a stopped run in RUN
+    python run.py dataset=voc20 dataset.download=true               # fetch and convert VOC first if needed
 
 Three steps: :func:`plan_evaluation` checks everything the run needs and builds nothing,
 :func:`run_evaluation` builds the loggers, trainer and Lightning module and runs the test loop,
@@ -13,10 +14,12 @@ Three steps: :func:`plan_evaluation` checks everything the run needs and builds 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +54,15 @@ from .config import (
 )
 from .launch import EvaluationStopped, launched_world_size, process_rank, shared_dirs_are_explicit
 
-__all__ = ["EvalPlan", "dataset_of", "plan_evaluation", "run_evaluation", "write_results", "evaluate"]
+__all__ = [
+    "EvalPlan",
+    "data_preparer",
+    "dataset_of",
+    "plan_evaluation",
+    "run_evaluation",
+    "write_results",
+    "evaluate",
+]
 
 # top-level keys of task overrides that describe an ablation (shown in the table's row label)
 _ABLATION_KEYS = ("vm", "vlm", "lp", "pixel", "window", "encoder_dtype")
@@ -79,6 +90,7 @@ class EvalPlan:
     save_predictions: str | None = None
     num_workers: int = 0
     ci: CIConfig = field(default_factory=CIConfig)
+    prepare: Callable[[], Any] | None = None  # dataset.download=true: the data module's prepare_data()
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -103,6 +115,32 @@ def dataset_of(cfg: DictConfig) -> tuple[BenchmarkInfo, SegmentationDataset]:
     if len(dataset) == 0:
         raise UserError(f"nothing to evaluate: limit={limit} selects no image of {info.name}")
     return info, dataset
+
+
+def data_preparer(cfg: DictConfig) -> Callable[[], Any] | None:
+    """``dataset.download=true``: the ``prepare`` call making this run's benchmark under ``data_root``.
+
+    ``+dataset.manifest=FILE`` replaces the packaged manifest (mirrors), ``+dataset.archives=DIR`` uses
+    archives already there and fetches nothing. None when ``dataset.download`` is false.
+    """
+    ds_cfg = cfg.get("dataset") or {}
+    if not ds_cfg.get("download", False):
+        return None
+    from ..data.prepare import load_manifest, prepare_datasets, resolve_names
+
+    name = str(ds_cfg.get("name"))
+    resolve_names([name])  # a dataset prepare cannot make: one line naming the valid ones
+    root = cfg.get("data_root")
+    if not root:
+        raise UserError("dataset.download=true needs a data folder: set paths.data_dir=DIR or LPOSS_DATA_DIR")
+    manifest = ds_cfg.get("manifest")
+    return functools.partial(
+        prepare_datasets,
+        [name],
+        Path(str(root)).expanduser(),
+        manifest=load_manifest(str(manifest)) if manifest else None,
+        archives=str(ds_cfg.archives) if ds_cfg.get("archives") else None,
+    )
 
 
 def _source(cfg: DictConfig, info: BenchmarkInfo, dataset: SegmentationDataset) -> tuple[str, Any, dict]:
@@ -260,7 +298,9 @@ def run_evaluation(plan: EvalPlan, cfg: DictConfig) -> int | None:
             "vocabulary": plan.info.vocabulary,
         },
     )
-    datamodule = EvalDataModule(plan.dataset, skip=plan.done, num_workers=plan.num_workers)
+    datamodule = EvalDataModule(
+        plan.dataset, skip=plan.done, num_workers=plan.num_workers, prepare=plan.prepare
+    )
     loggers, options = build_loggers(cfg)
     report = {
         "store": plan.store,
@@ -403,7 +443,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
 
     Exits non-zero (a :class:`UserError`) when no image could be scored; ``results.json`` still lists why.
     """
+    prepare = data_preparer(cfg)
+    if prepare is not None:  # the plan reads the file list, so the data is made first; the data module's
+        prepare()  # prepare_data() (Lightning, once per node) runs it again: a no-op on the fresh stamp
     plan = plan_evaluation(cfg)
+    plan.prepare = prepare
     t0 = time.perf_counter()
     world = 1
     if plan.todo > 0:
