@@ -7,10 +7,12 @@ from pathlib import Path
 
 from lposs_lab.lab.data.benchmarks import BENCHMARKS, get_benchmark
 
-__all__ = ["weights_at_hand", "vlm_choices", "class_presets", "examples"]
+__all__ = ["EXAMPLE_CLASSES", "weights_at_hand", "vlm_choices", "class_presets", "examples"]
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+#: Classes offered with an example image (those of ``make demo``).
+EXAMPLE_CLASSES = {"astronaut.jpg": "person;astronaut, flag, rocket;space shuttle, wall;background"}
 
 
 def _cached(repo_id: str, files: tuple[str, ...]) -> bool:

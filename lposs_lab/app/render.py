@@ -14,7 +14,7 @@ from lposs_lab.files import atomic_write
 from lposs_lab.postprocess import UNKNOWN
 from lposs_lab.viz import UNKNOWN_COLOUR, label_image, palette
 
-__all__ = ["blend", "legend_html", "save_label_png", "save_scores_npz"]
+__all__ = ["enlarge", "blend", "legend_html", "save_label_png", "save_scores_npz"]
 
 
 def blend(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -38,17 +38,26 @@ def _swatch(rgb: Sequence[int]) -> str:
     )
 
 
+def enlarge(image: np.ndarray, side: int = 256) -> np.ndarray:
+    """``image`` repeated by the integer factor that brings its longer side closest to ``side`` (at least 1):
+    small label maps stay readable on screen, each pixel a block."""
+    factor = max(1, side // max(image.shape[:2]))
+    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1) if factor > 1 else image
+
+
 def legend_html(
     class_names: Sequence[str],
     labels: Mapping[str, np.ndarray],
     headers: Mapping[str, str] | None = None,
     values: Sequence[int] | None = None,
+    unknown_name: str = "unknown",
 ) -> str:
     """One legend for several label maps: every class listed with its share of pixels in each map.
 
     Classes without a pixel in any map are marked ``no pixels``; an ``unknown`` row is added when a map
-    holds unknown (255) pixels. ``labels``: column key -> ``[H, W]`` label map; ``headers``: key -> title;
-    ``values``: the label value (and colour) of each name (default ``0 .. len(class_names) - 1``).
+    holds unknown (255) pixels (``unknown_name``). ``labels``: column key -> ``[H, W]`` label map;
+    ``headers``: key -> title; ``values``: the label value (and colour) of each name (default
+    ``0 .. len(class_names) - 1``).
     """
     headers = headers or {k: k for k in labels}
     values = list(range(len(class_names))) if values is None else [int(v) for v in values]
@@ -74,7 +83,10 @@ def legend_html(
         )
     if UNKNOWN not in values and any(c[UNKNOWN] for c in counts.values()):
         cells = "".join(share(k, UNKNOWN) for k in labels)
-        rows.append(f'<tr class="legend-row"><td>{_swatch(UNKNOWN_COLOUR)}unknown</td>{cells}</tr>')
+        rows.append(
+            f'<tr class="legend-row"><td>{_swatch(UNKNOWN_COLOUR)}'
+            f"{html.escape(unknown_name)}</td>{cells}</tr>"
+        )
     return (
         '<table class="lposs-legend"><thead><tr><th>class</th>'
         + head

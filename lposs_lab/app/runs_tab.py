@@ -13,7 +13,7 @@ from PIL import Image
 
 from lposs_lab.errors import UserError
 
-from .render import blend, legend_html
+from .render import blend, enlarge, legend_html
 from .runs import (
     TABLE_COLUMNS,
     Run,
@@ -66,7 +66,9 @@ def _thumb(work: Path, run: Run, image_id: str) -> str | None:
 def _present_legend(names: list[str], maps: dict[str, np.ndarray], headers: dict[str, str]) -> str:
     """The legend of the classes present in any of ``maps`` (a benchmark has up to 171 classes)."""
     present = sorted({int(v) for m in maps.values() for v in np.unique(m) if int(v) < len(names)})
-    return legend_html([names[c] for c in present], maps, headers, values=present)
+    return legend_html(
+        [names[c] for c in present], maps, headers, values=present, unknown_name="ignored / unknown"
+    )
 
 
 def build_runs_tab(gr: Any, runs_root: Path | None, work: Path) -> tuple[Any, list[Any]]:
@@ -121,9 +123,10 @@ def build_runs_tab(gr: Any, runs_root: Path | None, work: Path) -> tuple[Any, li
         for rec in per_image_rows(run):
             thumb = _thumb(work, run, rec["id"])
             cell = f"![{rec['id']}](/gradio_api/file={thumb})" if thumb else "-"
-            rows.append([cell, rec["id"], pct1(rec["mIoU"]), rec.get("seconds")])
+            secs = rec.get("seconds")
+            rows.append([cell, rec["id"], pct1(rec["mIoU"]), None if secs is None else round(secs, 2)])
         ids = [row[1] for row in rows]
-        title = f"**{html.escape(run.key)}**: {run.dataset}, {run.method}, mIoU {pct1(run.miou)}"
+        title = f"<p><b>{html.escape(run.key)}</b>: {run.dataset}, {run.method}, mIoU {pct1(run.miou)}</p>"
         return (
             title + class_bars_html(run.per_class),
             gr.update(value=rows),
@@ -144,8 +147,8 @@ def build_runs_tab(gr: Any, runs_root: Path | None, work: Path) -> tuple[Any, li
         legend = _present_legend(
             files.class_names, maps, {"truth": "ground truth", "prediction": "prediction"}
         )
-        pred = None if files.prediction is None else blend(files.image, files.prediction)
-        return files.image, blend(files.image, files.truth), pred, legend, files.note
+        pred = None if files.prediction is None else enlarge(blend(files.image, files.prediction))
+        return enlarge(files.image), enlarge(blend(files.image, files.truth)), pred, legend, files.note
 
     def row_selected(evt):
         row = evt.row_value or []
@@ -176,7 +179,7 @@ def build_runs_tab(gr: Any, runs_root: Path | None, work: Path) -> tuple[Any, li
                 files = image_files(run, image_id)
             except (UserError, FileNotFoundError) as exc:
                 raise gr.Error(str(exc), print_exception=False) from None
-            out.append(None if files.prediction is None else blend(files.image, files.prediction))
+            out.append(None if files.prediction is None else enlarge(blend(files.image, files.prediction)))
         return tuple(out)
 
     note = gr.Markdown(elem_id="runs-note")

@@ -10,7 +10,7 @@ from lposs_lab.config import LPConfig, PixelConfig
 from lposs_lab.errors import UserError
 from lposs_lab.predictor import METHODS
 
-from .choices import class_presets, examples, vlm_choices
+from .choices import EXAMPLE_CLASSES, class_presets, examples, vlm_choices
 from .engine import METHOD_LABELS, WINDOWS, Engine, Params, Result
 from .render import blend, legend_html, save_label_png, save_scores_npz
 
@@ -64,7 +64,7 @@ def build_segment_tab(gr: Any, engine: Engine, work: Path) -> None:
         overlays = [blend(result.image, result.labels[m]) for m in METHODS]
         headers = {m: METHOD_LABELS[m] for m in METHODS}
         notes = []
-        if result.random_init:
+        if result.random_init and result.random_init != random_now:  # the top banner says it otherwise
             notes.append(RANDOM_BANNER.format(which=", ".join(result.random_init)))
         notes += [f"Note: {n}" for n in result.notices]
         reuse = "features reused (propagation only)" if result.features_reused else "features computed"
@@ -136,7 +136,8 @@ def build_segment_tab(gr: Any, engine: Engine, work: Path) -> None:
             window = gr.Dropdown(choices=list(WINDOWS), value=default_window, label="window")
     example_files = examples()
     if example_files:
-        gr.Examples(examples=[[p, ""] for p in example_files], inputs=[image, classes], label="examples")
+        rows = [[p, EXAMPLE_CLASSES.get(Path(p).name, "")] for p in example_files]
+        gr.Examples(examples=rows, inputs=[image, classes], label="examples")
     status = gr.Markdown("", elem_id="status")
     with gr.Row():
         out_images = [
@@ -161,7 +162,7 @@ def build_segment_tab(gr: Any, engine: Engine, work: Path) -> None:
     with gr.Row(visible=False):
         api_image = gr.File(type="filepath", label="image")
         api_classes = gr.Textbox(label="classes")
-        api_method = gr.Dropdown(choices=list(METHODS), value="lposs_plus", label="method")
+        api_method = gr.Textbox(value="lposs_plus", label="method: " + ", ".join(METHODS))
         api_png = gr.File(label="label map (PNG)")
         api_json = gr.JSON(label="summary")
         api_button = gr.Button("segment (API)")
