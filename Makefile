@@ -1,6 +1,6 @@
 # lposs_lab — set-up and checks on a fresh machine.
 #   make demo   create .venv, install, segment the example image into outputs/demo (downloads ~1 GB of weights once)
-#   make test   create .venv with the dev extras, run ruff and pytest
+#   make test   create .venv with the dev and app extras, run ruff and pytest
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,app]'
 	touch $@
 
 venv: $(BIN)/python
