@@ -47,6 +47,8 @@ WINDOWS = {"224 / stride 112": (224, 112), "448 / stride 224": (448, 224), "whol
 METHOD_LABELS = {"maskclip": "initial predictor", "lposs": "LPOSS", "lposs_plus": "LPOSS+"}
 #: Features of this many (image, window, model) triples are kept in memory.
 FEATURES_KEPT = 4
+#: Results of this many (method, controls, image) are kept: a slider reruns only the methods it affects.
+RESULTS_KEPT = 12
 
 
 class AppInputError(UserError, ValueError):
@@ -101,6 +103,7 @@ class Result:
         notices: what was adjusted (e.g. a downscale), one line each.
         random_init: which encoders have random weights (their masks are meaningless).
         features_reused: whether the image's features came from the kept ones (no encoder pass).
+        unchanged: the methods whose controls did not move since a kept result (not recomputed).
     """
 
     image: np.ndarray
@@ -112,6 +115,7 @@ class Result:
     notices: list[str] = field(default_factory=list)
     random_init: list[str] = field(default_factory=list)
     features_reused: bool = False
+    unchanged: list[str] = field(default_factory=list)
 
 
 class _KeptFeatures:
@@ -170,6 +174,19 @@ def read_image(path: str | Path | None, max_side: int = MAX_SIDE) -> tuple[np.nd
     return rgb, notices
 
 
+def _memo_key(
+    method: str, config: LPOSSConfig, threshold: float, request: tuple[Any, ...]
+) -> tuple[Any, ...]:
+    """What a method's result depends on: the initial predictor only on the window setup, LPOSS also on
+    ``lp``, LPOSS+ also on ``pixel``; all on the abstain threshold, the image, classes and model."""
+    parts: list[Any] = [method, request, config.window, float(threshold or 0.0)]
+    if method != "maskclip":
+        parts.append(config.lp)
+    if method == "lposs_plus":
+        parts.append(config.pixel)
+    return tuple(parts)
+
+
 def _digest(rgb: np.ndarray) -> str:
     return hashlib.sha1(repr(rgb.shape).encode() + rgb.tobytes()).hexdigest()
 
@@ -191,6 +208,9 @@ class Engine:
         self.models: dict[tuple[str, str, str], LPOSS] = {}
         self._vocab: dict[tuple[str, str, str], list[str]] = {}
         self.features = _KeptFeatures()
+        self.results: OrderedDict[tuple[Any, ...], tuple[np.ndarray, np.ndarray, dict[str, float]]] = (
+            OrderedDict()
+        )
         self.lock = threading.Lock()
 
     def model(self, vlm: str | None = None) -> LPOSS:
@@ -248,8 +268,14 @@ class Engine:
                 model.set_classes(class_list)
                 self._vocab[key] = class_list
             hits = self.features.hits
-            labels, scores, timings = {}, {}, {}
+            labels, scores, timings, kept = {}, {}, {}, []
             for method in methods:
+                memo = _memo_key(method, config, params.threshold, (key, digest, tuple(class_list)))
+                if memo in self.results:  # none of this method's controls moved: its last result
+                    self.results.move_to_end(memo)
+                    labels[method], scores[method], timings[method] = self.results[memo]
+                    kept.append(method)
+                    continue
                 model.method, model.config = method, config
                 t0 = time.perf_counter()
                 pred = model.predict(rgb, image_id=digest, abstain=abstain)
@@ -257,6 +283,11 @@ class Engine:
                 scores[method] = pred.scores.numpy().astype(np.float16)
                 timings[method] = {k: round(v, 4) for k, v in pred.timings.items()}
                 timings[method]["total"] = round(time.perf_counter() - t0, 4)
-            reused = self.features.hits - hits >= len(methods)
+                self.results[memo] = (labels[method], scores[method], timings[method])
+                while len(self.results) > RESULTS_KEPT:
+                    self.results.popitem(last=False)
+            reused = self.features.hits - hits + len(kept) >= len(methods)
             names = model.classes
-        return Result(rgb, names, class_list, labels, scores, timings, notices, self.random_init(vlm), reused)
+        return Result(
+            rgb, names, class_list, labels, scores, timings, notices, self.random_init(vlm), reused, kept
+        )

@@ -37,6 +37,7 @@ def _summary(result: Result, vlm: str) -> dict[str, Any]:
         "initial_predictor": vlm,
         "timings": result.timings,
         "features_reused": result.features_reused,
+        "unchanged": result.unchanged,
         "random_init": result.random_init,
         "notices": result.notices,
     }
@@ -67,8 +68,11 @@ def build_segment_tab(gr: Any, engine: Engine, work: Path) -> None:
         if result.random_init and result.random_init != random_now:  # the top banner says it otherwise
             notes.append(RANDOM_BANNER.format(which=", ".join(result.random_init)))
         notes += [f"Note: {n}" for n in result.notices]
-        reuse = "features reused (propagation only)" if result.features_reused else "features computed"
-        notes.append(f"Done in {sum(t['total'] for t in result.timings.values()):.2f} s ({reuse}).")
+        redone = [METHOD_LABELS[m] for m in METHODS if m not in result.unchanged]
+        reuse = "features reused" if result.features_reused else "features computed"
+        reuse += "; recomputed: " + (", ".join(redone) or "nothing")
+        seconds = sum(t["total"] for m, t in result.timings.items() if m not in result.unchanged)
+        notes.append(f"Done in {seconds:.2f} s ({reuse}).")
         return (
             *overlays,
             legend_html(result.class_names, result.labels, headers),

@@ -44,8 +44,9 @@ def test_a_slider_move_reuses_the_features_and_equals_a_fresh_prediction(engine,
     assert not first.features_reused and first.class_names == ["red", "blue", "green"]
     params = Params(k=7, gamma=1.5, sigma=0.05, r=5, tau=0.05)
     moved = engine.segment(image, CLASSES, params=params)
-    assert moved.features_reused
-    assert all(t["features"] < 0.05 for t in moved.timings.values())
+    assert moved.features_reused and moved.unchanged == ["maskclip"]  # a patch control: not the initial
+    assert all(moved.timings[m]["features"] < 0.05 for m in ("lposs", "lposs_plus"))
+    np.testing.assert_array_equal(moved.labels["maskclip"], first.labels["maskclip"])
     config = replace(CONFIG, lp=replace(CONFIG.lp, k=7, gamma=1.5, sigma=0.05),
                      pixel=replace(CONFIG.pixel, r=5, tau=0.05))  # fmt: skip
     for method in ("maskclip", "lposs", "lposs_plus"):
@@ -53,6 +54,14 @@ def test_a_slider_move_reuses_the_features_and_equals_a_fresh_prediction(engine,
         np.testing.assert_array_equal(moved.labels[method], ref.labels.numpy())
         np.testing.assert_allclose(moved.scores[method], ref.scores.numpy(), rtol=1e-2, atol=1e-3)
     assert len(engine.models) == 1  # one model per (vm, vlm, device), kept
+
+
+def test_each_control_reruns_only_the_methods_it_changes(engine, image):
+    engine.segment(image, CLASSES)
+    assert engine.segment(image, CLASSES).unchanged == ["maskclip", "lposs", "lposs_plus"]
+    assert engine.segment(image, CLASSES, params=Params(tau=0.02)).unchanged == ["maskclip", "lposs"]
+    assert engine.segment(image, CLASSES, params=Params(threshold=0.3)).unchanged == []
+    assert engine.segment(image, "red, blue").unchanged == []  # other classes
 
 
 def test_another_window_recomputes_the_features(engine, image):
