@@ -82,7 +82,8 @@ def launch(demo: Any, settings: AppSettings, **kwargs: Any) -> Any:
     # Gradio also serves the current folder's files it created and its own cache; block everything else
     # that could hold secrets: the home folder and the file system root, less the allowed folders.
     blocked = [str(Path.home()), "/etc", "/proc", "/sys", "/root", "/var"]
-    blocked = [b for b in blocked if not any(Path(a).is_relative_to(b) for a in allowed)]
+    keep = [*allowed, os.environ.get("GRADIO_TEMP_DIR", str(Path(tempfile.gettempdir()) / "gradio"))]
+    blocked = [b for b in blocked if not any(Path(a).resolve().is_relative_to(b) for a in keep)]
     demo.queue(default_concurrency_limit=1)
     return demo.launch(
         server_name=settings.host,

@@ -7,6 +7,7 @@ With ``CI=true`` a missing Gradio, Playwright or chromium fails the tests; elsew
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import socket
@@ -27,7 +28,7 @@ ARTIFACTS = Path(os.environ.get("LPOSS_TEST_ARTIFACTS", REPO / "outputs" / "test
 def need(module: str):
     """Import ``module``; missing: a failure in CI, a skip elsewhere."""
     try:
-        return __import__(module)
+        return importlib.import_module(module)
     except ModuleNotFoundError:
         if IN_CI:
             pytest.fail(f"{module} is not installed (pip install -e '.[app]')")

@@ -7,9 +7,13 @@ import json
 import numpy as np
 from conftest import REPO, readme_screenshot
 from PIL import Image
-from playwright.sync_api import expect
 
 from lposs_lab.app.runs import pct1
+
+try:
+    from playwright.sync_api import expect
+except ModuleNotFoundError:  # the chromium fixture skips these tests (fails them with CI=true)
+    expect = None
 
 
 def test_upload_type_segment_and_see_one_legend_with_every_class(server, page, tmp_path):
