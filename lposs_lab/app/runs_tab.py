@@ -169,8 +169,8 @@ def build_runs_tab(gr: Any, runs_root: Path | None, work: Path) -> tuple[Any, li
         return gr.update(value=table), gr.update(choices=[r["id"] for r in rows], value=None), note
 
     def compare_image(key_a, key_b, image_id):
-        out = []
-        for key in (key_a, key_b):
+        out, notes = [], []
+        for side, key in (("A", key_a), ("B", key_b)):
             run = state["runs"].get(key)
             if run is None or not image_id:
                 out.append(None)
@@ -180,7 +180,9 @@ def build_runs_tab(gr: Any, runs_root: Path | None, work: Path) -> tuple[Any, li
             except (UserError, FileNotFoundError) as exc:
                 raise gr.Error(str(exc), print_exception=False) from None
             out.append(None if files.prediction is None else enlarge(blend(files.image, files.prediction)))
-        return tuple(out)
+            if files.note:
+                notes.append(f"run {side}: {files.note}")
+        return (*out, "\n\n".join(notes))
 
     note = gr.Markdown(elem_id="runs-note")
     with gr.Row():
@@ -215,6 +217,7 @@ def build_runs_tab(gr: Any, runs_root: Path | None, work: Path) -> tuple[Any, li
         with gr.Row():
             left = gr.Image(label="run A", interactive=False, format="png", elem_id="compare-a")
             right = gr.Image(label="run B", interactive=False, format="png", elem_id="compare-b")
+        cmp_img_note = gr.Markdown(elem_id="compare-image-note")
 
     kw = {"api_visibility": "private", "concurrency_limit": 4}
     filters = [ds_filter, method_filter, text_filter]
@@ -227,5 +230,5 @@ def build_runs_tab(gr: Any, runs_root: Path | None, work: Path) -> tuple[Any, li
     image_pick.change(show_image, [run_pick, image_pick], [img, truth, pred, img_legend, img_note], **kw)
     run_b.change(compare, [run_pick, run_b], [delta, cmp_pick, cmp_note], **kw)
     run_pick.change(compare, [run_pick, run_b], [delta, cmp_pick, cmp_note], **kw)
-    cmp_pick.change(compare_image, [run_pick, run_b, cmp_pick], [left, right], **kw)
+    cmp_pick.change(compare_image, [run_pick, run_b, cmp_pick], [left, right, cmp_img_note], **kw)
     return refresh, outs

@@ -80,3 +80,16 @@ def test_runs_tab_lists_runs_worst_image_first_and_shows_its_three_images(server
         page.locator(f"#{elem} img").first.wait_for()
     page.locator("#run-legend tr.legend-row").first.wait_for()
     readme_screenshot(page, "app_runs.png", tmp_path)
+    # run B on the same dataset: per-image ΔmIoU, most negative first, and one image from both runs
+    page.get_by_text("compare with another run on the same dataset").click()
+    pick(page, "run-b", "maskclip")
+    mb = {r["id"]: r["mIoU"] for r in results["maskclip"]["per_image"]}
+    deltas = sorted((mb[r["id"]] - r["mIoU"], r["id"]) for r in records)
+    first_delta = page.locator("#delta-table").get_by_role("row").nth(1)
+    expect(first_delta).to_contain_text(deltas[0][1])
+    assert f"{deltas[0][0]:+.1f}" in first_delta.inner_text()
+    pick(page, "compare-pick", deltas[0][1])
+    page.locator("#compare-a img").first.wait_for()
+    expect(page.locator("#compare-image-note")).to_contain_text(
+        "run B: this run did not keep its predictions"
+    )

@@ -116,7 +116,7 @@ def test_legend_lists_every_class_with_its_share_and_marks_those_without_pixels(
     assert legend.count('class="legend-row"') == 4  # three classes and unknown
     assert "cat</span></td><td>50.0%</td><td>&ndash;" in legend
     assert "dog</span></td><td>25.0%</td><td>100.0%" in legend
-    assert "bird</span> <em class=\"no-pixels\">(no pixels)</em>" in legend
+    assert 'bird</span> <em class="no-pixels">(no pixels)</em>' in legend
     r, g, bl = palette(256)[2]
     assert f"rgb({r},{g},{bl})" in legend
 
