@@ -159,3 +159,22 @@ def test_the_server_binds_loopback_and_queues_one_model_request_at_a_time(server
     assert demo._queue.default_concurrency_limit == 1
     fns = {fn.api_name: fn for fn in demo.fns.values()}
     assert fns["segment"].concurrency_id == "model"
+
+
+def test_requests_wait_in_one_queue_for_the_model_and_learn_their_position(client, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.utils import Status
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(2):  # new images: nothing kept, each request runs the encoders and both stages
+        paths.append(tmp_path / f"q{i}.png")
+        Image.fromarray(rng.integers(0, 255, (224, 320, 3), dtype=np.uint8)).save(paths[-1])
+    jobs = [client.submit(handle_file(str(p)), "a, b", "lposs_plus", api_name="/segment") for p in paths]
+    seen = []
+    while not all(j.done() for j in jobs):
+        seen.append(tuple(j.status().code for j in jobs))
+    assert all(j.result()[1]["size"] == [224, 320] for j in jobs)
+    # never both running; one waited in the queue while the other ran
+    assert (Status.PROCESSING, Status.PROCESSING) not in seen
+    assert {(Status.IN_QUEUE, Status.PROCESSING), (Status.PROCESSING, Status.IN_QUEUE)} & set(seen), set(seen)
