@@ -1,5 +1,6 @@
-"""The two floors: the library (lposs_lab/ minus lab/) never imports the lab or the lab's stack, and no
-module of the package imports another in a circle."""
+"""The floors: the library (lposs_lab/ minus lab/ and app/) never imports the lab or the lab's stack, nothing
+below the app (lposs_lab/app/) imports it, the app imports Gradio lazily, and no module of the package
+imports another in a circle."""
 
 from __future__ import annotations
 
@@ -47,14 +48,36 @@ def _imports(name: str, path: Path) -> set[str]:
     return out
 
 
+def _is_app(name: str) -> bool:
+    return name == "lposs_lab.app" or name.startswith("lposs_lab.app.")
+
+
 MODULES = _all_modules()
-LIBRARY = sorted(n for n in MODULES if not _is_lab(n))
+LIBRARY = sorted(n for n in MODULES if not _is_lab(n) and not _is_app(n))
+BELOW_APP = sorted(n for n in MODULES if not _is_app(n))
+APP = sorted(n for n in MODULES if _is_app(n))
+
+
+@pytest.mark.parametrize("name", BELOW_APP)
+def test_nothing_below_the_app_imports_it(name):
+    bad = sorted(imp for imp in _imports(name, MODULES[name]) if _is_app(imp))
+    assert not bad, f"{name} imports {bad}"
+
+
+@pytest.mark.parametrize("name", APP)
+def test_the_app_imports_gradio_only_inside_functions(name):
+    tree = ast.parse(MODULES[name].read_text())
+    top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+    names = {a.name for n in top if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module or "" for n in top if isinstance(n, ast.ImportFrom)}
+    assert not {m for m in names if m.split(".")[0] in ("gradio", "gradio_client", "playwright")}
 
 
 def test_the_scan_sees_both_floors():
     assert "lposs_lab.predictor" in LIBRARY and "lposs_lab.models.registry" in LIBRARY
     assert "lposs_lab.lab.module" in MODULES and "lposs_lab.lab.tasks.evaluate" in MODULES
     assert not any(_is_lab(n) for n in LIBRARY)
+    assert "lposs_lab.app.engine" in APP and not any(_is_app(n) for n in LIBRARY)
 
 
 @pytest.mark.parametrize("name", LIBRARY)
