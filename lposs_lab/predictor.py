@@ -310,7 +310,7 @@ class LPOSS:
                 scores = stitch_windows(grids, feats.windows, h, w)
                 scores = pixel_stage(feats.image, scores, px, features=self.pixel_features(feats))
             elif self.config.window.size <= 0:
-                scores = grids[0]  # the patch grid goes straight to the original size (SPEC §5)
+                scores = grids[0]  # the patch grid goes straight to the original size (docs/method.md §5)
             else:
                 scores = stitch_windows(grids, feats.windows, h, w)
         return scores, timer.seconds

@@ -223,7 +223,7 @@ def final_labels(
     """``[H, W]`` int64 labels at the input size (``feats.original_size``) from the averaged scores.
 
     Without ``postprocess`` and ``abstain`` the argmax of the bilinear resize of ``scores [C, h, w]``
-    (SPEC §5). Otherwise ``name_scores [Q, h, w]`` are resized to the input size, passed through
+    (docs/method.md §5). Otherwise ``name_scores [Q, h, w]`` are resized to the input size, passed through
     ``postprocess(feats.image, .)`` (labels: the argmax of its synonym max), then ``abstain`` is applied.
     """
     h, w = feats.original_size

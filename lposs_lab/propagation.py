@@ -170,7 +170,7 @@ def _csr_halves(idx: Tensor, val: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def patch_graph(features: Tensor, positions: Tensor, kernel: LPConfig | None = None) -> Tensor:
-    """The symmetrically normalised patch affinity ``S_hat = D^-1/2 W D^-1/2`` (SPEC §3).
+    """The symmetrically normalised patch affinity ``S_hat = D^-1/2 W D^-1/2`` (docs/method.md §3).
 
     ``W = S + S^T`` with the diagonal zeroed, ``S`` holding the kNN edge weights
     ``a(f_i.f_j) * b(||p_i - p_j||)`` where ``a`` is ``max(s, 0)^gamma`` (``"power"``) or
@@ -267,7 +267,7 @@ def refine_patches(
     sigma_a: float = _LP.sigma_a,
     spatial: str = _LP.spatial,
 ) -> Tensor:
-    """LPOSS: propagate per-patch class scores over the kNN patch graph (SPEC §3).
+    """LPOSS: propagate per-patch class scores over the kNN patch graph (docs/method.md §3).
 
     The keyword arguments are the fields of :class:`lposs_lab.LPConfig` (same defaults, checked the
     same way); :func:`propagate_patches` takes them as one config.

@@ -50,7 +50,7 @@ def test_stitched_grids_are_the_predictors_pixel_scores(models, method):
     assert len(grids.windows) == grids.grids.shape[0] == 3 and grids.grids.shape[1] == 7
     assert grids.size == tuple(pred.low_res_scores.shape[1:]) == (224, 388)
     torch.testing.assert_close(grids.scores(), pred.low_res_scores, rtol=0, atol=1e-6)
-    # and the pipeline composed by hand (SPEC §2-5 from the stage functions) agrees
+    # and the pipeline composed by hand (docs/method.md §2-5 from the stage functions) agrees
     by_hand = scores_by_hand(model, CFG, method, img, CLASSES)
     torch.testing.assert_close(grids.scores(), by_hand, rtol=1e-5, atol=1e-5)
     # the class max after the stitching is not the stitching of the class max: the per-name rows matter

@@ -8,7 +8,8 @@ the labels before and after in one table.
 A score file holds ``[C, h, w]`` class scores at any resolution (``.npy``, or ``.npz`` with a ``scores``
 array and optionally ``classes``), or the window grids ``task=evaluate save_scores=DIR`` writes for
 MaskCLIP / LPOSS (stitched here as the predictor does, :mod:`lposs_lab.score_files`). "Before" labels are
-the scores resized bilinearly to the image and argmaxed (SPEC §5); "after" labels are those of the refiner.
+the scores resized bilinearly to the image and argmaxed (docs/method.md §5); "after" labels are those of
+the refiner.
 """
 
 from __future__ import annotations
