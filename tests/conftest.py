@@ -14,7 +14,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 REPO = Path(__file__).resolve().parents[1]
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+from devices import cuda  # noqa: E402,F401 (the marker; test modules import it from tests/support/devices.py)
 
 
 @pytest.fixture

@@ -146,7 +146,14 @@ def page(chromium, request):
     context.close()
 
 
-def readme_screenshot(pg, name: str, tmp_path: Path, locator=None) -> Path:
+@pytest.fixture
+def readme_screenshot():
+    """``shoot(page, name, tmp_path, locator=None)``: the README screenshot helper (a fixture: test modules
+    never import a conftest, whose module name the other conftest files share)."""
+    return _readme_screenshot
+
+
+def _readme_screenshot(pg, name: str, tmp_path: Path, locator=None) -> Path:
     """Take a screenshot (of ``locator`` or the whole page); copy it to docs/images/ when asked to."""
     shot = tmp_path / name
     (locator or pg).screenshot(path=str(shot), **({} if locator is not None else {"full_page": True}))

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
-from conftest import REPO, readme_screenshot
 from PIL import Image
 
 from lposs_lab.app.runs import pct1
@@ -15,8 +15,10 @@ try:
 except ModuleNotFoundError:  # the chromium fixture skips these tests (fails them with CI=true)
     expect = None
 
+REPO = Path(__file__).resolve().parents[2]
 
-def test_upload_type_segment_and_see_one_legend_with_every_class(server, page, tmp_path):
+
+def test_upload_type_segment_and_see_one_legend_with_every_class(server, page, tmp_path, readme_screenshot):
     url, demo, _ = server
     img = REPO / "examples" / "astronaut.jpg"
     classes = "person;astronaut, flag, rocket;space shuttle, wall;background, sky"
@@ -58,7 +60,9 @@ def pick(page, elem_id: str, text: str) -> None:
     page.get_by_role("option", name=text).first.click()
 
 
-def test_runs_tab_lists_runs_worst_image_first_and_shows_its_three_images(server, runs_dir, page, tmp_path):
+def test_runs_tab_lists_runs_worst_image_first_and_shows_its_three_images(
+    server, runs_dir, page, tmp_path, readme_screenshot
+):
     page.goto(server[0])
     page.get_by_role("tab", name="Runs").click()
     table = page.locator("#runs-table")

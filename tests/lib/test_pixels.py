@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import cuda
+from devices import cuda
 from reference import ref_lab_features, ref_refine_pixels, rel_err
 
 from lposs_lab import lab_features, pixel_graph, refine_pixels

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import cuda
+from devices import cuda
 from reference import rel_err
 
 from lposs_lab import pamr

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import scipy.sparse.linalg as spla
 import torch
-from conftest import cuda
+from devices import cuda
 from reference import ref_refine_patches, rel_err
 
 from lposs_lab import conjugate_gradient, knn_inner_product, patch_graph, refine_patches

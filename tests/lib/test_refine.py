@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cuda
+from devices import cuda
 from PIL import Image
 from reference import ref_refine_patches, ref_refine_pixels, rel_err
 
