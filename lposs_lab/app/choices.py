@@ -18,9 +18,9 @@ EXAMPLE_CLASSES = {"astronaut.jpg": "person;astronaut, flag, rocket;space shuttl
 def _cached(repo_id: str, files: tuple[str, ...]) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
-    from lposs_lab.models.registry import _hf_cache_dir
+    from lposs_lab.models.weights import hf_cache_dir
 
-    return any(isinstance(try_to_load_from_cache(repo_id, f, cache_dir=_hf_cache_dir()), str) for f in files)
+    return any(isinstance(try_to_load_from_cache(repo_id, f, cache_dir=hf_cache_dir()), str) for f in files)
 
 
 def weights_at_hand(kind: str, name: str) -> bool:

@@ -120,7 +120,7 @@ def parse_hf_hub(spec: str) -> tuple[str, str | None, str | None]:
     return f"{parts[0]}/{parts[1]}", filename, revision
 
 
-def _hf_cache_dir() -> str | None:
+def hf_cache_dir() -> str | None:
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if os.environ.get(var):
             return os.path.expanduser(os.environ[var])
@@ -149,7 +149,7 @@ def fetch_hub(
         from huggingface_hub.utils import EntryNotFoundError as _Missing
 
     offline = hf_offline()
-    cache_dir = _hf_cache_dir()
+    cache_dir = hf_cache_dir()
     last_error: Exception | None = None
     passes = (True,) if offline else (True, False)
     for local_only in passes:
