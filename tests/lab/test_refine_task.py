@@ -7,6 +7,7 @@ configs; the run.py ones are marked ``slow``. One text cache is shared by every 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -156,15 +157,26 @@ def test_save_scores_says_where_and_how_much(env, tmp_path, capsys):
     assert float(value) * {"kB": 1e3, "MB": 1e6}[unit] == pytest.approx(total, rel=0.01)
 
 
-def test_refine_shows_a_progress_bar(env, exported, tmp_path, capsys):
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_refine_shows_a_progress_bar_on_a_terminal(env, exported, tmp_path, monkeypatch, terminal):
     e = env["base"]
     cfg = compose_cfg(
         tmp_path / "bar", env, "dataset=voc20", f"scores={e / 'scores'}", "refiner=none",
         "trainer.enable_progress_bar=true",
     )  # fmt: skip
+    err = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
     run_task(cfg)
-    err = capsys.readouterr().err
-    assert "Refining voc20" in err and f"{N}/{N}" in err and "img" in err
+    text = err.getvalue()
+    if terminal:
+        assert "Refining voc20" in text and f"{N}/{N}" in text and "img/s" in text
+    else:  # a log file or a pipe: no bar
+        assert "Refining" not in text
 
 
 def test_export_then_refine_equals_lposs_plus(env, exported):

@@ -190,9 +190,9 @@ def run_refine(plan: RefinePlan) -> RefineRun:
         _metrics(info.num_classes, plan.boundary, plan.dilation_ratio),
     )
     t0 = time.perf_counter()
-    bar = tqdm(
-        total=len(plan.dataset), desc=f"Refining {info.name}", unit="img", disable=not plan.progress_bar
-    )
+    # on a terminal only (tqdm's disable=None): logs and captured stderr keep just our own lines
+    disable = None if plan.progress_bar else True
+    bar = tqdm(total=len(plan.dataset), desc=f"Refining {info.name}", unit="img", disable=disable)
     try:
         for sample in _samples(plan.dataset):
             key = str(sample["id"])
@@ -201,6 +201,9 @@ def run_refine(plan: RefinePlan) -> RefineRun:
                 run.errors.append({"id": key, "error": " ".join(str(sample["error"]).split())})
                 continue
             run.per_image.append(_refine_one(plan, run, sample))
+    except BaseException:
+        bar.leave = False  # a failing run clears its bar: the error is the last thing on the terminal
+        raise
     finally:
         bar.close()
     run.wall = time.perf_counter() - t0
