@@ -304,8 +304,11 @@ def test_end_to_end_results_json_table_and_csv_logs(voc20, baseline):
     assert out["boundary_iou"] == pytest.approx(100 * np_boundary_miou(preds, gts, 20), abs=1e-9)
     # the printed table
     table = [ln for ln in res.stdout.splitlines() if ln.startswith("LPOSS [")]
-    assert len(table) == 2 and table[0].split()[-3] == f"{out['mIoU']:.1f}"
-    assert table[1].split()[-3] == f"{out['boundary_iou']:.1f}"
+    assert len(table) == 2
+    for row, key in zip(table, ("mIoU", "boundary_iou"), strict=True):  # "score [low, high]   -   -"
+        cells = row.rsplit("(random init)", 1)[1].split()
+        low, high = out[f"{key}_ci"]
+        assert cells[:3] == [f"{out[key]:.1f}", f"[{low:.1f},", f"{high:.1f}]"], row
     assert "mIoU (%)" in res.stdout and "Boundary IoU (%)" in res.stdout and "VOC20" in res.stdout
     assert "img/s" in res.stderr + res.stdout  # the progress bar counts images
     # the CSV logger: metrics, hparams, and the evaluation report's per-class / per-image tables

@@ -50,7 +50,7 @@ def test_group_choice_typo_lists_the_choices():
     assert _hydra_line("vm=dino_b61") == f"vm=dino_b61 is not a choice; valid: {VMS}"
     assert _hydra_line("dataset=ade20") == (
         "dataset=ade20 is not a choice; valid: ade20k, cityscapes, coco_object, coco_stuff, context, "
-        "context59, voc, voc20"
+        "context59, folder, voc, voc20"
     )
 
 
@@ -132,7 +132,8 @@ def test_precheck_benchmark_folder(tmp_path):
 
 def test_precheck_passes_a_good_run(tmp_path):
     precheck("segment", _segment_cfg(tmp_path))
-    assert (tmp_path / "out").is_dir()  # checked writable, as the task does
+    assert not (tmp_path / "out").exists()  # its nearest existing folder checked writable; nothing created
+    assert not list(tmp_path.glob(".lposs-write-check-*"))  # the probe file is gone
 
 
 def test_run_task_reports_a_precheck_error_in_one_line(tmp_path, capsys):

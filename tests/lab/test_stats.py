@@ -224,24 +224,29 @@ def test_results_fields_from_records():
 def test_wandb_summary_gets_the_interval_keys(tmp_path):
     from types import SimpleNamespace
 
+    from pytorch_lightning.loggers import WandbLogger
+
     from lposs_lab.lab.callbacks import EvaluationReport
     from lposs_lab.lab.records import StateStore
 
-    class WandbLogger:  # what EvaluationReport recognises; records what would reach W&B
+    class RecordingWandb(WandbLogger):  # a W&B logger (recognised by its class) that records, no run
         def __init__(self):
-            self.experiment = SimpleNamespace(summary={}, log=lambda data: None)
+            self._recorded = SimpleNamespace(summary={}, log=lambda data: None)
+
+        @property
+        def experiment(self):
+            return self._recorded
 
     counts = make_counts(15, 3, seed=10, boundary=False)
     store = StateStore(tmp_path / "states")
     ids = [f"im{i}" for i in range(15)]
     for i, key in enumerate(ids):
         store.write(image_record(key, iou={k: v[i] for k, v in counts["iou"].items()}, miou=0.5, seconds=0.1))
-    logger = WandbLogger()
+    logger = RecordingWandb()
     trainer = SimpleNamespace(is_global_zero=True, loggers=[logger])
-    module = SimpleNamespace(
-        ids=ids, store=store, classes=["a", "b", "c"], biou=None, hparams={"dataset": "voc"}
-    )
-    EvaluationReport(ci=CIConfig(level=0.8, resamples=50, seed=2)).on_test_end(trainer, module)
+    ci = CIConfig(level=0.8, resamples=50, seed=2)
+    report = EvaluationReport(store, ids, ["a", "b", "c"], dataset="voc", ci=ci)
+    report.on_test_end(trainer, None)
     want = bootstrap_metrics(counts, level=0.8, resamples=50, seed=2)
     summary = logger.experiment.summary
     assert [summary["test/mIoU_ci_low"], summary["test/mIoU_ci_high"]] == want["mIoU"]

@@ -242,4 +242,8 @@ def test_experiment_vocabulary_through_run_py_and_the_report(tmp_path):
     assert report_main([str(tmp_path / "mr"), "--out", str(tmp_path / "r.md")]) == 0
     text = (tmp_path / "r.md").read_text()
     d, p = runs["default"]["mIoU"], runs["plain"]["mIoU"]
-    assert f"| VOC20 | {d:.1f} | {p:.1f} | {p - d:+.1f} |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| VOC20 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")][1:]  # default, plain, its drop (each "x [lo, hi]")
+    (dl, dh), (pl, ph) = runs["default"]["mIoU_ci"], runs["plain"]["mIoU_ci"]
+    assert cells[0] == f"{d:.1f} [{dl:.1f}, {dh:.1f}]" and cells[1] == f"{p:.1f} [{pl:.1f}, {ph:.1f}]"
+    assert cells[2].startswith(f"{p - d:+.1f}"), row

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lposs_lab.errors import ConfigError
-from lposs_lab.text import parse_classes
+from lposs_lab.inputs import parse_classes
 
 from .benchmarks import IGNORE_INDEX, BenchmarkInfo, DatasetError, labels_among_images
 from .vocabulary import read_class_file

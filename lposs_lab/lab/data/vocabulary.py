@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from lposs_lab.errors import ConfigError
-from lposs_lab.text import parse_classes
+from lposs_lab.inputs import parse_classes
 
 from .benchmarks import BENCHMARKS, BenchmarkInfo
 

@@ -141,8 +141,11 @@ def hydra_overrides() -> list[str]:
         return []
 
 
-def check_output_dir(folder: str | os.PathLike) -> Path:
+def check_output_dir(folder: str | os.PathLike, *, create: bool = True) -> Path:
     """Make sure ``folder`` exists (created) and is writable, before any model is built.
+
+    ``create=False`` creates nothing: the nearest existing folder on the way must be writable (the early
+    check of the command line, before the inputs are read).
 
     Raises:
         OutputError: it is below a regular file, on a read-only file system, or not writable.
@@ -153,9 +156,11 @@ def check_output_dir(folder: str | os.PathLike) -> Path:
         raise OutputError(
             f"cannot write to {path}: {blocker} is a file, not a folder; choose another location"
         )
+    probe = path if create else next(p for p in [path, *path.parents] if p.exists())
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".lposs-write-check-"):
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".lposs-write-check-"):
             pass
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__

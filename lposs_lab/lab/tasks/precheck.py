@@ -34,20 +34,24 @@ def check_images(value: Any) -> list[Path]:
 
 
 def check_benchmark_folder(cfg: Any) -> None:
-    """The benchmark ``dataset=`` names sits under ``data_root`` (its image folder exists).
+    """The benchmark ``dataset=`` names sits under ``data_root`` (its image folder exists); for
+    ``dataset=folder`` its folders hold images and labels, and its classes (and any vocabulary) fit.
 
     Raises:
-        lposs_lab.errors.ConfigError: unknown benchmark name.
+        lposs_lab.errors.ConfigError: unknown benchmark name, vocabulary or folder settings.
         lposs_lab.lab.data.DatasetError: the data folder or the benchmark's image folder is missing.
     """
-    from ..data.benchmarks import get_benchmark, resolve_root
+    from ..data.benchmarks import resolve_root
+    from ..data.folder import FOLDER
+    from .benchmark import benchmark_of
 
     section = cfg.get("dataset")
     name = section.get("name") if hasattr(section, "get") else section
-    root = cfg.get("data_root")
-    if not name or not root:
+    if not name or (name != FOLDER and not cfg.get("data_root")):
         return  # the task says what to pass
-    resolve_root(get_benchmark(str(name)), Path(str(root)).expanduser())
+    info, root = benchmark_of(cfg)
+    if name != FOLDER:
+        resolve_root(info, root)
 
 
 def precheck(task: str, cfg: Any) -> None:
@@ -60,4 +64,4 @@ def precheck(task: str, cfg: Any) -> None:
         check_benchmark_folder(cfg)
     lposs_config(cfg)  # every vm/vlm/lp/pixel/window value, the depth model, the pixel backend
     if task == "segment":
-        check_output_dir(Path(str(cfg.get("out") or "outputs")).expanduser())
+        check_output_dir(Path(str(cfg.get("out") or "outputs")).expanduser(), create=False)
