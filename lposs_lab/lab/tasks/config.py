@@ -61,17 +61,18 @@ def lposs_config(cfg: DictConfig) -> LPOSSConfig:
     """
     vm = plain(cfg.get("vm")) or {}
     vlm = plain(cfg.get("vlm")) or {}
+    default = LPOSSConfig()  # a key the config leaves out takes the dataclass's value
     return LPOSSConfig.from_dict(
         {
-            "vm": _encoder_name(vm, "dino_b16"),
-            "vlm": _encoder_name(vlm, "maskclip_b16"),
+            "vm": _encoder_name(vm, default.vm),
+            "vlm": _encoder_name(vlm, default.vlm),
             "vm_pretrained": vm.get("pretrained"),
             "vlm_pretrained": vlm.get("pretrained"),
             "vfm": vlm.get("vfm"),
             "vfm_pretrained": vlm.get("vfm_pretrained"),
             **{key: plain(cfg[key]) for key in ("lp", "pixel", "window") if cfg.get(key) is not None},
-            "device": str(cfg.get("device", "auto")),
-            "encoder_dtype": str(cfg.get("encoder_dtype", "float32")),
+            "device": str(cfg.get("device", default.device)),
+            "encoder_dtype": str(cfg.get("encoder_dtype", default.encoder_dtype)),
         }
     )
 
@@ -195,9 +196,10 @@ def abstain_rule(cfg: DictConfig, background: int | None = None) -> Abstain | No
     if threshold is None:
         return None
     area = section.get("area_threshold")
+    scale = section.get("logit_scale")  # left out: Abstain's own default
     return Abstain(
         threshold=float(threshold),
-        logit_scale=float(section.get("logit_scale", 40.0)),
+        **({} if scale is None else {"logit_scale": float(scale)}),
         background=background,
         area_threshold=None if area is None else float(area),
     )
