@@ -14,6 +14,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytest_plugins = ["prepare_fixtures"]  # the prepare tests' archives, server and network guard
+
 from devices import cuda  # noqa: E402,F401 (the marker; test modules import it from tests/support/devices.py)
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 from http_server import FileServer, guard_network
 from PIL import Image
+from prepare_fixtures import manifest_file
 from synthetic_archives import (
     H,
     W,
@@ -31,27 +31,11 @@ from lposs_lab.lab.data.prepare import RetryPolicy, load_manifest, prepare_datas
 from lposs_lab.lab.data.prepare.__main__ import main
 from lposs_lab.lab.data.prepare.context import context_label, decode_counts, decode_rle
 
+pytestmark = pytest.mark.usefixtures("offline")  # no connection but to 127.0.0.1
+
 FAST = RetryPolicy(attempts=3, delay=0.0, factor=1.0, timeout=10.0)
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    guard_network(monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def syn(tmp_path_factory):
-    return make_archives(tmp_path_factory.mktemp("archives"))
-
-
-@pytest.fixture
-def server(syn):
-    with FileServer({f"/{n}": p for n, p in syn.archives.items()}) as srv:
-        yield srv
-
-
-def manifest_file(tmp_path: Path, syn, server, **override) -> Path:
-    return write_manifest(tmp_path / "manifest.json", syn, server.url if server else None, **override)
 
 
 # ------------------------------------------------------------------------------------------- pure parts

@@ -12,30 +12,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from http_server import FileServer, guard_network
-from synthetic_archives import error_lines, make_archives, write_manifest
+from http_server import FileServer
+from prepare_fixtures import manifest_file
+from synthetic_archives import error_lines, write_manifest
 
 from lposs_lab.lab.data.prepare.__main__ import main
 
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    guard_network(monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def syn(tmp_path_factory):
-    return make_archives(tmp_path_factory.mktemp("archives"))
-
-
-@pytest.fixture
-def server(syn):
-    with FileServer({f"/{n}": p for n, p in syn.archives.items()}) as srv:
-        yield srv
-
-
-def manifest_file(tmp_path: Path, syn, server, **override) -> Path:
-    return write_manifest(tmp_path / "manifest.json", syn, server.url if server else None, **override)
+pytestmark = pytest.mark.usefixtures("offline")  # no connection but to 127.0.0.1
 
 
 def test_bad_manifest_is_one_error_line(tmp_path, capsys):
